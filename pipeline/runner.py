@@ -1,0 +1,578 @@
+"""One slide, top to bottom: slide -> overview tiles -> candidates -> quality -> crops -> gallery.
+
+Each stage is a plain function of arrays and tables (in :mod:`~pipeline.segment`,
+:mod:`~pipeline.quality`, :mod:`~pipeline.relocate`, :mod:`~pipeline.gallery`); this module plans the
+work, hands tasks to the engine (a Dask cluster or this process) and keeps the driver light: tasks get a
+:class:`~pipeline.slide.SlideRef` and coordinates, read pixels themselves, and return small tables. Only
+gallery shards carry pixels, and tasks write them to disk themselves, one whole shard each.
+
+Tiling: the overview is cut into square tiles with a halo wider than any object plus every
+neighbourhood the stages look at; a candidate belongs to the tile whose half-open core holds its
+centroid. The result therefore does not depend on the tile size or on how many workers run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from . import __version__
+from .engine import compute_client, ordered_map
+from .errors import ParameterError
+from .gallery import (
+    DEFAULT_SHARD_CELLS,
+    create_gallery,
+    finalize_gallery,
+    is_complete,
+    open_gallery,
+    write_shard,
+)
+from .qc import contact_sheet, overview_picture, write_png
+from .quality import QualityParams, judge, neighbour_gaps_um, ring_features
+from .relocate import CropParams, Refined, crop_window, is_padded, od_sum_of, refine_centre, relocation_table
+from .segment import (
+    SegmentParams,
+    SlideStains,
+    estimate_slide_stains,
+    optical_density,
+    required_halo_um,
+    segment,
+)
+from .slide import SlideRef, cached_slide, open_slide
+
+#: The overview is read at about this pixel size, like a 10x objective.
+OVERVIEW_MPP = 1.0
+#: A native pyramid level within this factor of OVERVIEW_MPP is used as it is (no resampling).
+NATIVE_LEVEL_TOLERANCE = 1.35
+
+
+@dataclass(frozen=True)
+class RunParams:
+    """Every parameter of a run (stored in the gallery's attrs).
+
+    Attributes
+    ----------
+    overview_mpp
+        Pixel size of the detection overview, um/px.
+    tile_px
+        Side of the overview tiles (core), px.
+    segment, quality, crop
+        Stage parameters.
+    shard_cells
+        Crops per gallery shard (one task writes one shard).
+    skip_blank
+        Skip overview tiles with no stain at all in the slide's thumbnail.
+    stat_samples
+        Overview windows sampled to estimate the slide's stain and white level.
+    """
+
+    overview_mpp: float = OVERVIEW_MPP
+    tile_px: int = 1024
+    segment: SegmentParams = field(default_factory=SegmentParams)
+    quality: QualityParams = field(default_factory=QualityParams)
+    crop: CropParams = field(default_factory=CropParams)
+    shard_cells: int = DEFAULT_SHARD_CELLS
+    skip_blank: bool = True
+    stat_samples: int = 16
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.overview_mpp) and 0.2 <= self.overview_mpp <= 4.0):
+            raise ParameterError(f"overview_mpp must be between 0.2 and 4 um/px, got {self.overview_mpp}")
+        if not 128 <= self.tile_px <= 8192:
+            raise ParameterError(f"--tile-px must be between 128 and 8192, got {self.tile_px}")
+
+    def as_dict(self) -> dict[str, Any]:
+        """All parameters, nested, JSON-safe."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver decided about a slide, sent to every task (small and picklable)."""
+
+    ref: SlideRef
+    mpp0: float
+    dimensions: tuple[int, int]
+    overview_mpp: float
+    overview_native_level: int | None
+    overview_size: tuple[int, int]
+    halo_px: int
+    params: RunParams
+
+    @property
+    def scale(self) -> float:
+        """Level-0 pixels per overview pixel."""
+        return self.overview_mpp / self.mpp0
+
+
+@dataclass(frozen=True)
+class SlideEstimate:
+    """Slide-level statistics estimated once from sample windows."""
+
+    stains: SlideStains
+    white_rgb: tuple[float, float, float]
+    red_cell_od: float
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Outcome of one slide."""
+
+    slide: Path
+    gallery: Path
+    status: str  # "done" or "skipped" (already complete)
+    cells: int
+    candidates: int
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------ plan
+def plan_slide(ref: SlideRef, params: RunParams) -> Plan:
+    """Open the slide's metadata on the driver and decide the overview geometry and halo."""
+    with open_slide(ref.path, ref.mpp_override) as slide:
+        mpp0 = slide.mpp
+        dims = slide.dimensions
+        level = slide.level_for_mpp(params.overview_mpp)
+        level_mpp = slide.level_mpp(level)
+    native = (
+        max(level_mpp, params.overview_mpp) / min(level_mpp, params.overview_mpp) <= NATIVE_LEVEL_TOLERANCE
+    )
+    overview_mpp = level_mpp if native else max(params.overview_mpp, mpp0)
+    size = (math.ceil(dims[0] * mpp0 / overview_mpp), math.ceil(dims[1] * mpp0 / overview_mpp))
+    q = params.quality
+    context_um = max(
+        required_halo_um(params.segment),
+        # a ring around the largest object
+        math.sqrt(params.segment.max_area_um2 / math.pi) + q.ring_gap_um + q.ring_width_um,
+    )
+    halo = math.ceil(context_um / overview_mpp) + 2
+    return Plan(ref, mpp0, dims, overview_mpp, level if native else None, size, halo, params)
+
+
+def overview_tiles(plan: Plan) -> list[tuple[int, int, int, int]]:
+    """Cores (x0, y0, width, height) of the overview tiles in overview pixels, raster order."""
+    w, h = plan.overview_size
+    t = plan.params.tile_px
+    return [(x, y, min(t, w - x), min(t, h - y)) for y in range(0, h, t) for x in range(0, w, t)]
+
+
+def _read_overview(plan: Plan, x0: int, y0: int, width: int, height: int) -> np.ndarray:
+    """Overview pixels [x0, x0+width) x [y0, y0+height) (overview px; outside the slide: white)."""
+    slide = cached_slide(plan.ref)
+    if plan.overview_native_level is not None:
+        return slide.read_region(plan.overview_native_level, x0, y0, width, height)
+    return slide.read_at_mpp(x0 * plan.scale, y0 * plan.scale, width, height, plan.overview_mpp)
+
+
+# ----------------------------------------------------------------------------------- blank glass
+def blank_tile_mask(plan: Plan, tiles: list[tuple[int, int, int, int]]) -> np.ndarray:
+    """True for tiles whose core and halo hold no stain at all in the thumbnail (to skip them)."""
+    # About 4 um/px is plenty to see stain, and cheap to read from a pyramid.
+    longest_um = max(plan.dimensions) * plan.mpp0
+    with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
+        thumb, thumb_mpp = slide.thumbnail(max(64, min(2048, math.ceil(longest_um / 4.0))))
+    thumb = thumb.astype(np.float32)
+    # White of the glass nearby (vignetting and tint vary across fields).
+    radius = max(1, round(250.0 / thumb_mpp))
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * radius + 1, 2 * radius + 1))
+    white = cv2.dilate(thumb, kernel)
+    od = od_sum_of(thumb, np.maximum(white, 1.0))
+    stained = (od > 0.06).astype(np.uint8)
+    px_per_ov = plan.overview_mpp / thumb_mpp
+    grow = math.ceil((plan.halo_px + 2) * px_per_ov) + 1
+    stained = cv2.dilate(stained, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * grow + 1, 2 * grow + 1)))
+    blank = np.zeros(len(tiles), dtype=bool)
+    for i, (x, y, w, h) in enumerate(tiles):
+        tx0, ty0 = math.floor(x * px_per_ov), math.floor(y * px_per_ov)
+        tx1, ty1 = math.ceil((x + w) * px_per_ov) + 1, math.ceil((y + h) * px_per_ov) + 1
+        blank[i] = not stained[ty0:ty1, tx0:tx1].any()
+    return blank
+
+
+# ------------------------------------------------------------------------------------ statistics
+def sample_windows(plan: Plan, n: int, size_px: int = 512) -> list[tuple[int, int, int, int]]:
+    """Up to ``n`` overview windows on a fixed grid over the slide (independent of the tiling)."""
+    w, h = plan.overview_size
+    size = min(size_px, w, h)
+    k = max(1, math.ceil(math.sqrt(n)))
+    xs = np.linspace(0, max(0, w - size), k).round().astype(int)
+    ys = np.linspace(0, max(0, h - size), k).round().astype(int)
+    return [(int(x), int(y), size, size) for y in ys for x in xs][:n]
+
+
+def _estimate_task(windows: list[tuple[int, int, int, int]], plan: Plan) -> SlideEstimate:
+    samples = [_read_overview(plan, *window) for window in windows]
+    stains = estimate_slide_stains(samples, plan.overview_mpp, plan.params.segment)
+    pixels = np.concatenate([s.reshape(-1, 3) for s in samples]).astype(np.float32)
+    brightness = pixels.sum(axis=1)
+    glass = pixels[brightness >= np.percentile(brightness, 90)]
+    white = np.median(glass, axis=0)
+    od = od_sum_of(pixels[None], white)[0]
+    stained = od[(od > 0.12) & (od < np.percentile(od, 99.5))]
+    red_cell_od = float(np.median(stained)) if stained.size > 100 else 0.4
+    return SlideEstimate(stains, (float(white[0]), float(white[1]), float(white[2])), red_cell_od)
+
+
+# -------------------------------------------------------------------------------------- detection
+def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
+    """Candidates whose centroid lies in one overview tile's core, with neighbourhood features."""
+    x0, y0, w, h = tile
+    halo = plan.halo_px
+    rgb = _read_overview(plan, x0 - halo, y0 - halo, w + 2 * halo, h + 2 * halo)
+    params = plan.params
+    labels, objects = segment(rgb, plan.overview_mpp, estimate.stains, params.segment)
+    if objects.empty:
+        return _empty_candidates()
+    # Pixel centres are at +0.5: continuous coordinates of the centroid in the tile (with halo).
+    cx = objects["x_px"].to_numpy(float) + 0.5
+    cy = objects["y_px"].to_numpy(float) + 0.5
+    core = (cx >= halo) & (cx < halo + w) & (cy >= halo) & (cy < halo + h)
+    objects = objects[core].reset_index(drop=True)
+    cx, cy = cx[core], cy[core]
+    if objects.empty:
+        return _empty_candidates()
+    od = optical_density(rgb, plan.overview_mpp, params.segment).sum(axis=-1)
+    radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
+    ring = ring_features(
+        od, labels, cx, cy, radius_px, plan.overview_mpp, estimate.red_cell_od, params.quality
+    )
+    out = pd.DataFrame(
+        {
+            "x_px": (x0 - halo + cx) * plan.scale,
+            "y_px": (y0 - halo + cy) * plan.scale,
+            "area_um2": objects["area_um2"].to_numpy(float),
+        }
+    )
+    for column in objects.columns:
+        if column not in ("x_px", "y_px", "area_um2", "bbox") and np.issubdtype(
+            objects[column].dtype, np.number
+        ):
+            out[column] = objects[column].to_numpy()
+    out["coverage"] = ring["coverage"].to_numpy()
+    out["overlap"] = ring["overlap"].to_numpy()
+    return out
+
+
+def _empty_candidates() -> pd.DataFrame:
+    return pd.DataFrame({c: np.zeros(0) for c in ("x_px", "y_px", "area_um2", "coverage", "overlap")})
+
+
+def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
+    slide = cached_slide(plan.ref)
+    crop = plan.params.crop
+    half_um = crop.crop_um * 0.75 + crop.search_um
+    half = math.ceil(half_um / plan.mpp0)
+    refined: list[Refined] = []
+    white = np.asarray(estimate.white_rgb, dtype=np.float32)
+    for x, y in zip(batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), strict=True):
+        wx0, wy0 = math.floor(x) - half, math.floor(y) - half
+        window = slide.read_region(0, wx0, wy0, 2 * half, 2 * half)
+        od = od_sum_of(window, white)
+        nucleus_od = _nucleus_level(od, estimate.red_cell_od)
+        refined.append(refine_centre(window, plan.mpp0, (x - wx0, y - wy0), white, nucleus_od, crop))
+    table = relocation_table(refined, batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), plan.mpp0)
+    table.index = batch.index
+    return table
+
+
+def _nucleus_level(od_sum: np.ndarray, red_cell_od: float) -> float:
+    """Nuclear-stain level in a window around a cell: between red cells and the window's darkest."""
+    darkest = float(np.percentile(od_sum, 99.5))
+    return max(1.3 * red_cell_od, red_cell_od + 0.45 * (darkest - red_cell_od))
+
+
+def _shard_task(shard: tuple[int, np.ndarray, np.ndarray], plan: Plan, partial_path: str) -> Any:
+    index, xs, ys = shard
+    slide = cached_slide(plan.ref)
+    crop = plan.params.crop
+    images = np.empty((len(xs), crop.crop_px, crop.crop_px, 3), dtype=np.uint8)
+    for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
+        left, top = crop_window(float(x), float(y), plan.mpp0, crop)
+        images[i] = slide.read_at_mpp(left, top, crop.crop_px, crop.crop_px, crop.crop_mpp)
+    return write_shard(partial_path, index, images)
+
+
+# ------------------------------------------------------------------------------------------- run
+@contextmanager
+def _stage(timings: dict[str, float], name: str) -> Iterator[None]:
+    started = time.perf_counter()
+    yield
+    timings[name] = round(time.perf_counter() - started, 3)
+
+
+def gallery_path(slide_path: str | Path, out_dir: str | Path) -> Path:
+    """Where a slide's gallery goes: ``OUT/<slide stem>.zarr``."""
+    return Path(out_dir) / f"{Path(slide_path).stem}.zarr"
+
+
+def run_slide(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    *,
+    params: RunParams | None = None,
+    mpp: float | None = None,
+    workers: int = 1,
+    client: Any = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Detect white cells on one slide and write its gallery and QC pictures.
+
+    Parameters
+    ----------
+    slide_path
+        Any slide OpenSlide or tifffile reads.
+    out_dir
+        Output folder; the gallery is ``<out_dir>/<slide stem>.zarr`` (format in :mod:`pipeline.gallery`),
+        with ``<stem>.overview.png`` and ``<stem>.contact.png`` beside it.
+    params
+        Run parameters (defaults: MLL23 geometry).
+    mpp
+        Level-0 pixel size override in um/px, for slides whose metadata lacks or misstates it.
+    workers
+        Local Dask worker processes when no ``client`` is given; 0 runs in this process.
+    client
+        An existing ``distributed.Client``.
+    overwrite
+        Redo a slide whose gallery is already complete (otherwise it is skipped).
+    progress
+        Show progress bars.
+    log
+        Where to send one-line progress messages (default: nowhere).
+
+    Returns
+    -------
+    RunResult
+    """
+    started = time.perf_counter()
+    params = params or RunParams()
+    slide_path = Path(slide_path)
+    out_dir = Path(out_dir)
+    final = gallery_path(slide_path, out_dir)
+    if is_complete(final) and not overwrite:
+        gallery = open_gallery(final)
+        return RunResult(slide_path, final, "skipped", len(gallery), len(gallery.candidates), 0.0)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    say = log or (lambda _msg: None)
+    timings: dict[str, float] = {}
+    ref = SlideRef(str(slide_path), mpp)
+    with _stage(timings, "plan"):
+        plan = plan_slide(ref, params)
+        tiles = overview_tiles(plan)
+        blank = blank_tile_mask(plan, tiles) if params.skip_blank else np.zeros(len(tiles), dtype=bool)
+    say(
+        f"{slide_path.name}: {len(tiles)} overview tiles at {plan.overview_mpp:.3g} um/px, "
+        f"{int(blank.sum())} blank"
+    )
+
+    with _engine(client, workers) as engine:
+        with _stage(timings, "estimate"):
+            windows = sample_windows(plan, params.stat_samples)
+            estimate = next(ordered_map(engine, _estimate_task, [windows], plan))
+        with _stage(timings, "detect"):
+            todo = [t for t, b in zip(tiles, blank, strict=True) if not b]
+            parts = list(
+                _progress(
+                    ordered_map(engine, _detect_tile, todo, plan, estimate, window=_window(engine)),
+                    total=len(todo),
+                    desc=f"detect {slide_path.name}",
+                    enabled=progress,
+                )
+            )
+        with _stage(timings, "quality"):
+            candidates = _assemble_candidates(parts, plan)
+        with _stage(timings, "relocate"):
+            candidates = _relocate(engine, candidates, plan, estimate, progress, slide_path.name)
+        accepted = candidates[candidates["accepted"]].copy()
+        cells = _cells_table(accepted, candidates, plan)
+        candidates["cell_index"] = -1
+        candidates.loc[accepted.index, "cell_index"] = np.arange(len(accepted))
+        attrs = _attrs(plan, estimate, candidates, tiles, blank)
+        with _stage(timings, "crops"):
+            draft = create_gallery(
+                final,
+                len(cells),
+                _columns(cells),
+                _columns(candidates),
+                attrs,
+                crop_px=params.crop.crop_px,
+                shard_cells=params.shard_cells,
+                overwrite=overwrite or final.exists(),
+            )
+            shards = [
+                (i, cells["x_px"].to_numpy()[a:b], cells["y_px"].to_numpy()[a:b])
+                for i, (a, b) in enumerate(draft.shard_ranges())
+            ]
+            receipts = list(
+                _progress(
+                    ordered_map(
+                        engine, _shard_task, shards, plan, str(draft.partial_path), window=_window(engine)
+                    ),
+                    total=len(shards),
+                    desc=f"crops {slide_path.name}",
+                    enabled=progress,
+                )
+            )
+    timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
+    finalize_gallery(draft, {"timings_s": timings}, receipts)
+    _write_qc(final, slide_path, plan, candidates)
+    say(f"{slide_path.name}: {len(cells)} cells from {len(candidates)} candidates -> {final}")
+    return RunResult(slide_path, final, "done", len(cells), len(candidates), time.perf_counter() - started)
+
+
+@contextmanager
+def _engine(client: Any, workers: int) -> Iterator[Any]:
+    if client is not None:
+        yield client
+        return
+    with compute_client(workers) as own:
+        yield own
+
+
+def _window(engine: Any) -> int:
+    if engine is None:
+        return 1
+    return max(4, 3 * len(engine.scheduler_info().get("workers", {})))
+
+
+def _progress(items: Iterator[Any], total: int, desc: str, enabled: bool) -> Iterator[Any]:
+    with tqdm(total=total, desc=desc, unit="task", disable=not enabled, leave=False) as bar:
+        for item in items:
+            bar.update(1)
+            yield item
+
+
+def _assemble_candidates(parts: list[pd.DataFrame], plan: Plan) -> pd.DataFrame:
+    """All candidates in a tiling-independent order, with neighbour features and a first judgement."""
+    parts = [p for p in parts if len(p)]
+    candidates = pd.concat(parts, ignore_index=True) if parts else _empty_candidates()
+    candidates = candidates.sort_values(["y_px", "x_px"], kind="stable").reset_index(drop=True)
+    mpp0 = plan.mpp0
+    radius_um = np.sqrt(candidates["area_um2"].to_numpy(float) / math.pi)
+    candidates["gap_um"] = neighbour_gaps_um(
+        candidates["x_px"].to_numpy(float) * mpp0, candidates["y_px"].to_numpy(float) * mpp0, radius_um
+    )
+    candidates["blur_um"] = np.nan
+    verdict = judge(candidates, plan.params.quality)
+    return candidates.join(verdict)
+
+
+def _relocate(
+    engine: Any, candidates: pd.DataFrame, plan: Plan, estimate: SlideEstimate, progress: bool, name: str
+) -> pd.DataFrame:
+    """Re-centre accepted candidates at full resolution, measure focus, and judge again."""
+    candidates["x_overview_px"] = candidates["x_px"]
+    candidates["y_overview_px"] = candidates["y_px"]
+    candidates["relocated"] = False
+    todo = candidates[candidates["accepted"]]
+    batches = [todo.iloc[i : i + 64][["x_px", "y_px"]] for i in range(0, len(todo), 64)]
+    results = list(
+        _progress(
+            ordered_map(engine, _relocate_task, batches, plan, estimate, window=_window(engine)),
+            total=len(batches),
+            desc=f"relocate {name}",
+            enabled=progress,
+        )
+    )
+    if results:
+        moved = pd.concat(results)
+        candidates.loc[moved.index, ["x_px", "y_px", "blur_um", "relocated"]] = moved[
+            ["x_px", "y_px", "blur_um", "relocated"]
+        ]
+    verdict = judge(candidates, plan.params.quality)
+    candidates[["quality", "accepted", "reason"]] = verdict[["quality", "accepted", "reason"]]
+    candidates["padded"] = [
+        is_padded(x, y, plan.mpp0, plan.params.crop, plan.dimensions)
+        for x, y in zip(candidates["x_px"], candidates["y_px"], strict=True)
+    ]
+    return candidates
+
+
+def _cells_table(accepted: pd.DataFrame, candidates: pd.DataFrame, plan: Plan) -> pd.DataFrame:
+    cells = accepted.drop(columns=["accepted", "reason"]).reset_index(names="candidate_index")
+    cells.insert(0, "cell_id", np.arange(len(cells), dtype=np.int64))
+    cells["x_um"] = cells["x_px"] * plan.mpp0
+    cells["y_um"] = cells["y_px"] * plan.mpp0
+    return cells
+
+
+def _columns(table: pd.DataFrame) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for name in table.columns:
+        values = table[name].to_numpy()
+        if values.dtype == object:
+            values = values.astype(str)
+        out[str(name)] = values
+    return out
+
+
+def _attrs(
+    plan: Plan, estimate: SlideEstimate, candidates: pd.DataFrame, tiles: list, blank: np.ndarray
+) -> dict[str, Any]:
+    reasons = candidates.loc[~candidates["accepted"], "reason"].value_counts()
+    return {
+        "pipeline_version": __version__,
+        "parameters": plan.params.as_dict(),
+        "slide": {
+            "path": str(Path(plan.ref.path).resolve()),
+            "mpp": plan.mpp0,
+            "mpp_override": plan.ref.mpp_override,
+            "dimensions": list(plan.dimensions),
+            "vendor": _vendor(plan.ref),
+        },
+        "overview": {
+            "mpp": plan.overview_mpp,
+            "level": plan.overview_native_level,
+            "resampled": plan.overview_native_level is None,
+            "size_px": list(plan.overview_size),
+            "halo_px": plan.halo_px,
+            "tiles": len(tiles),
+            "tiles_blank": int(np.sum(blank)),
+        },
+        "estimate": {
+            "stains": asdict(estimate.stains),
+            "white_rgb": list(estimate.white_rgb),
+            "red_cell_od": estimate.red_cell_od,
+        },
+        "counts": {
+            "candidates": len(candidates),
+            "accepted": int(candidates["accepted"].sum()),
+            "rejected_by_reason": {str(k): int(v) for k, v in reasons.items()},
+            "padded": int(candidates.loc[candidates["accepted"], "padded"].sum()),
+        },
+        "coordinates": "x_px, y_px: level-0 pixels, continuous (pixel i spans [i, i+1))",
+    }
+
+
+def _vendor(ref: SlideRef) -> str:
+    return cached_slide(ref).vendor
+
+
+def _write_qc(final: Path, slide_path: Path, plan: Plan, candidates: pd.DataFrame) -> None:
+    stem = slide_path.stem
+    with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
+        thumb, thumb_mpp = slide.thumbnail(2400)
+    write_png(
+        final.with_name(f"{stem}.overview.png"), overview_picture(thumb, thumb_mpp, plan.mpp0, candidates)
+    )
+    gallery = open_gallery(final)
+    n = min(len(gallery), 100)
+    images = gallery.images[:n] if n else np.zeros((0, 1, 1, 3), np.uint8)
+    labels = [f"q={q:.2f}" for q in gallery.cells["quality"].to_numpy()[:n]] if n else None
+    write_png(final.with_name(f"{stem}.contact.png"), contact_sheet(np.asarray(images), labels))
+
+
+def with_overrides(params: RunParams, **changes: Any) -> RunParams:
+    """A copy of ``params`` with top-level fields replaced (used by the CLI)."""
+    return replace(params, **changes)

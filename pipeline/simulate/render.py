@@ -1,0 +1,193 @@
+"""Render one region of a simulated slide: sprites -> optical density -> light -> blur -> camera.
+
+``render_region`` is a pure function of the scene and the region: a region rendered alone equals the
+same pixels of any larger region (before JPEG), because objects, blur, illumination and noise are all
+keyed by absolute position and the blur gets its halo.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import numpy as np
+
+from ._hash import block_rng
+from .cells import MAX_DIAMETER_UM, MLL23_CLASSES, CellSprite, render_cell
+from .optics import (
+    Optics,
+    add_sensor_noise,
+    apply_blur,
+    blur_halo_px,
+    draw_optics,
+    illumination,
+    sigma_map_um,
+)
+from .scene import N_PLATELET_VARIANTS, N_RBC_VARIANTS, NucleatedCells, Scene, SceneSpec, select_cells
+from .stain import concentrations_to_od, slide_stain_matrix
+
+_LN10 = math.log(10.0)
+_B_BANK, _B_STAIN = 301, 302
+
+
+@dataclass
+class SlideModel:
+    """A scene plus its stain and optics: everything needed to render any region."""
+
+    spec: SceneSpec
+    scene: Scene = field(init=False)
+    optics: Optics = field(init=False)
+    stain_matrix: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scene = Scene(self.spec)
+        self.optics = draw_optics(self.spec.seed, self.spec.mpp, self.spec.width_px, self.spec.height_px)
+        self.stain_matrix = slide_stain_matrix(block_rng(self.spec.seed, _B_STAIN))
+
+
+@dataclass(frozen=True)
+class RenderedRegion:
+    """Pixels of a region and what was drawn in it.
+
+    ``cells`` lists nucleated cells whose centre lies in the region (not the halo) with their drawn
+    size; ``red_cells`` and ``platelets`` count the centres in the region.
+    """
+
+    rgb: np.ndarray
+    cells: NucleatedCells
+    diameter_um: np.ndarray
+    nucleus_area_um2: np.ndarray
+    red_cells: int
+    platelets: int
+    red_cell_zones: dict[str, int]
+
+
+@lru_cache(maxsize=4)
+def _sprite_bank(seed: int, mpp: float, kind: str, n: int, spread: float) -> tuple[CellSprite, ...]:
+    """Pre-rendered red-cell or platelet variants, centred on pixel (0, 0)'s centre."""
+    # A stable key: Python's own hash() of a string differs between worker processes.
+    kind_key = {"red_cell": 1, "platelet": 2}[kind]
+    seeds = block_rng(seed, _B_BANK, kind_key, round(spread * 1000)).integers(0, 2**62, n)
+    return tuple(render_cell(kind, int(s), 0.5, 0.5, mpp, spread) for s in seeds)
+
+
+def _paste(canvas: np.ndarray, cy0: int, cx0: int, sprite: np.ndarray, sy0: int, sx0: int) -> None:
+    """Add a sprite whose top-left is absolute (sy0, sx0) into a canvas whose top-left is (cy0, cx0)."""
+    h, w = canvas.shape[:2]
+    y0, x0 = sy0 - cy0, sx0 - cx0
+    ya, xa = max(0, y0), max(0, x0)
+    yb, xb = min(h, y0 + sprite.shape[0]), min(w, x0 + sprite.shape[1])
+    if ya >= yb or xa >= xb:
+        return
+    canvas[ya:yb, xa:xb] += sprite[ya - y0 : yb - y0, xa - x0 : xb - x0]
+
+
+def _paste_bank(
+    canvas: np.ndarray, cy0: int, cx0: int, bank: tuple[CellSprite, ...], x_um, y_um, variant, mpp
+) -> None:
+    cx = np.floor(np.asarray(x_um) / mpp).astype(np.int64)
+    cy = np.floor(np.asarray(y_um) / mpp).astype(np.int64)
+    for px, py, v in zip(cx, cy, variant, strict=True):
+        sprite = bank[int(v)]
+        _paste(canvas, cy0, cx0, sprite.conc, sprite.y0 + int(py), sprite.x0 + int(px))
+
+
+def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) -> RenderedRegion:
+    """Render level-0 pixels [x0, x0+width) x [y0, y0+height) of the slide, before JPEG.
+
+    Parameters
+    ----------
+    model
+        The slide.
+    x0, y0, width, height
+        The region in level-0 pixels; it may extend past the slide (rendered as if the smear went on).
+
+    Returns
+    -------
+    RenderedRegion
+        uint8 RGB pixels and the objects whose centres fall in the region.
+    """
+    spec, scene = model.spec, model.scene
+    mpp = spec.mpp
+    halo = blur_halo_px(mpp)
+    cy0, cx0 = y0 - halo, x0 - halo
+    ch, cw = height + 2 * halo, width + 2 * halo
+    canvas = np.zeros((ch, cw, 3), dtype=np.float32)
+
+    ax0, ay0 = cx0 * mpp - MAX_DIAMETER_UM / 2, cy0 * mpp - MAX_DIAMETER_UM / 2
+    ax1, ay1 = (cx0 + cw) * mpp + MAX_DIAMETER_UM / 2, (cy0 + ch) * mpp + MAX_DIAMETER_UM / 2
+    # Red cells near the canvas are pushed aside by white cells up to MAX_DIAMETER_UM away.
+    nucleated = scene.nucleated_in_rect(
+        ax0 - MAX_DIAMETER_UM, ay0 - MAX_DIAMETER_UM, ax1 + MAX_DIAMETER_UM, ay1 + MAX_DIAMETER_UM
+    )
+    red = scene.red_cells(ax0, ay0, ax1, ay1, nucleated)
+    platelets = scene.platelets_in_rect(ax0, ay0, ax1, ay1)
+
+    spreads = scene.spread(red.x_um, red.y_um)
+    flattened = spreads > 1.1
+    contracted = spreads < 0.95
+    normal = ~(flattened | contracted)
+    for mask, spread in ((normal, 1.0), (flattened, 1.25), (contracted, 0.92)):
+        if mask.any():
+            bank = _sprite_bank(spec.seed, mpp, "red_cell", N_RBC_VARIANTS, spread)
+            _paste_bank(canvas, cy0, cx0, bank, red.x_um[mask], red.y_um[mask], red.variant[mask], mpp)
+    bank = _sprite_bank(spec.seed, mpp, "platelet", N_PLATELET_VARIANTS, 1.0)
+    _paste_bank(canvas, cy0, cx0, bank, platelets.x_um, platelets.y_um, platelets.variant, mpp)
+
+    in_core = (
+        (nucleated.x_um >= x0 * mpp)
+        & (nucleated.x_um < (x0 + width) * mpp)
+        & (nucleated.y_um >= y0 * mpp)
+        & (nucleated.y_um < (y0 + height) * mpp)
+    )
+    diameters = np.zeros(len(nucleated))
+    nucleus_areas = np.zeros(len(nucleated))
+    # A cell reaches the canvas only if its centre is within MAX_DIAMETER_UM / 2 of it.
+    touches_canvas = (
+        (nucleated.x_um >= ax0) & (nucleated.x_um < ax1) & (nucleated.y_um >= ay0) & (nucleated.y_um < ay1)
+    )
+    for k in np.flatnonzero(touches_canvas):
+        sprite = render_cell(
+            MLL23_CLASSES[int(nucleated.class_index[k])],
+            int(nucleated.seed[k]),
+            float(nucleated.x_um[k] / mpp),
+            float(nucleated.y_um[k] / mpp),
+            mpp,
+            float(nucleated.spread[k]),
+        )
+        _paste(canvas, cy0, cx0, sprite.conc, sprite.y0, sprite.x0)
+        diameters[k] = sprite.diameter_um
+        nucleus_areas[k] = sprite.nucleus_area_um2
+
+    od = concentrations_to_od(canvas, model.stain_matrix)
+    transmittance = np.exp(-_LN10 * od)
+    sigma = sigma_map_um(model.optics, cy0, cx0, ch, cw)
+    transmittance = apply_blur(transmittance, sigma, mpp)
+    core = transmittance[halo : halo + height, halo : halo + width]
+    intensity = core * illumination(model.optics, y0, x0, height, width)
+    rgb = add_sensor_noise(intensity, model.optics, y0, x0)
+
+    core_red = (
+        (red.x_um >= x0 * mpp)
+        & (red.x_um < (x0 + width) * mpp)
+        & (red.y_um >= y0 * mpp)
+        & (red.y_um < (y0 + height) * mpp)
+    )
+    core_plt = (
+        (platelets.x_um >= x0 * mpp)
+        & (platelets.x_um < (x0 + width) * mpp)
+        & (platelets.y_um >= y0 * mpp)
+        & (platelets.y_um < (y0 + height) * mpp)
+    )
+    zones, counts = np.unique(scene.zone(red.x_um[core_red], red.y_um[core_red]), return_counts=True)
+
+    return RenderedRegion(
+        rgb=rgb,
+        cells=select_cells(nucleated, in_core),
+        diameter_um=diameters[in_core],
+        nucleus_area_um2=nucleus_areas[in_core],
+        red_cells=int(core_red.sum()),
+        platelets=int(core_plt.sum()),
+        red_cell_zones={str(z): int(c) for z, c in zip(zones, counts, strict=True)},
+    )

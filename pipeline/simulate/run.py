@@ -1,0 +1,382 @@
+"""``simulate_slide``: render a whole slide tile by tile on Dask, stream it into an SVS, write truth.
+
+Memory stays flat with slide size: workers render square chunks (a multiple of 256 px), JPEG-encode
+their level-0 tiles and write their 4x-reduced pixels straight into a temporary on-disk array (each
+chunk owns its own array chunks); the driver only receives encoded tiles, a chunk row at a time, in the
+order the TIFF needs. Reduced levels are then built from the temporary array band by band.
+
+Outputs appear only when whole: everything is written under ``*.partial`` names and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import zarr
+from scipy.spatial import cKDTree
+from tqdm import tqdm
+
+from .. import __version__
+from ..engine import compute_client, ordered_map
+from ..errors import ParameterError
+from .cells import MLL23_CLASSES
+from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
+from .presets import get_preset
+from .render import SlideModel, render_region
+from .scene import PLACEMENTS, PUSH_ASIDE_MAX_THICKNESS, SceneSpec
+from .svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, thumbnail_from, tiles_of
+
+TRUTH_COLUMNS = (
+    "cell_id",
+    "cell_class",
+    "x_px",
+    "y_px",
+    "x_um",
+    "y_um",
+    "diameter_um",
+    "nucleus_area_um2",
+    "nucleated",
+    "zone",
+    "in_focus",
+    "touching",
+    "spread",
+    "blur_sigma_um",
+)
+MAX_SLIDE_MM = (80.0, 30.0)
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """Paths and counts of a finished simulation."""
+
+    slide_path: Path
+    truth_path: Path
+    summary_path: Path
+    n_nucleated: int
+    n_red_cells: int
+    width_px: int
+    height_px: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    x0: int
+    y0: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class _ChunkResult:
+    tiles: list[list[bytes]]
+    cells: dict[str, np.ndarray]
+    red_cells: int
+    platelets: int
+    red_cell_zones: dict[str, int]
+
+
+def _render_chunk(chunk: _Chunk, model: SlideModel, level1_path: str) -> _ChunkResult:
+    region = render_region(model, chunk.x0, chunk.y0, chunk.width, chunk.height)
+    rgb = region.rgb
+    tiles = [
+        [encode_tile(rgb[ty : ty + TILE_PX, tx : tx + TILE_PX]) for tx in range(0, chunk.width, TILE_PX)]
+        for ty in range(0, chunk.height, TILE_PX)
+    ]
+    # Chunks are multiples of 256 px, so their 4x reduction covers whole chunks of the level-1 array.
+    level1 = zarr.open_array(level1_path, mode="r+")
+    small = cv2.resize(rgb, (chunk.width // 4, chunk.height // 4), interpolation=cv2.INTER_AREA)
+    y1, x1 = chunk.y0 // 4, chunk.x0 // 4
+    h1 = min(small.shape[0], level1.shape[0] - y1)
+    w1 = min(small.shape[1], level1.shape[1] - x1)
+    level1[y1 : y1 + h1, x1 : x1 + w1] = small[:h1, :w1]
+    cells = region.cells
+    return _ChunkResult(
+        tiles=tiles,
+        cells={
+            "x_um": cells.x_um,
+            "y_um": cells.y_um,
+            "class_index": cells.class_index,
+            "spread": cells.spread,
+            "diameter_um": region.diameter_um,
+            "nucleus_area_um2": region.nucleus_area_um2,
+        },
+        red_cells=region.red_cells,
+        platelets=region.platelets,
+        red_cell_zones=region.red_cell_zones,
+    )
+
+
+def _validate(width_mm: float, height_mm: float, mpp: float, chunk_px: int, workers: int, out: Path) -> None:
+    if not (0 < width_mm <= MAX_SLIDE_MM[0] and 0 < height_mm <= MAX_SLIDE_MM[1]):
+        raise ParameterError(
+            f"--width-mm and --height-mm must be > 0 and at most {MAX_SLIDE_MM[0]:g} x {MAX_SLIDE_MM[1]:g} "
+            f"(a glass slide), got {width_mm:g} x {height_mm:g}"
+        )
+    if not (0.1 <= mpp <= 1.0) or not math.isfinite(mpp):
+        raise ParameterError(f"--mpp must be between 0.1 and 1.0 um/px, got {mpp:g}")
+    if chunk_px < TILE_PX or chunk_px % TILE_PX:
+        raise ParameterError(f"chunk size must be a positive multiple of {TILE_PX} px, got {chunk_px}")
+    if workers < 0:
+        raise ParameterError(f"--workers must be 0 or more, got {workers}")
+    if out.suffix.lower() != ".svs":
+        raise ParameterError(f"output must end in .svs, got {out}")
+    if not out.parent.exists():
+        raise ParameterError(f"output folder {out.parent} does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise ParameterError(f"output folder {out.parent} is not writable")
+
+
+def simulate_slide(
+    out_path: str | os.PathLike,
+    *,
+    width_mm: float,
+    height_mm: float,
+    seed: int = 0,
+    preset: str = "normal",
+    mpp: float = 0.25,
+    placement: str = "monolayer",
+    workers: int = 1,
+    chunk_px: int = 1024,
+    progress: bool = True,
+    client: object | None = None,
+) -> SimulationResult:
+    """Simulate a whole-slide scan of a blood smear and write it as an Aperio SVS with ground truth.
+
+    Parameters
+    ----------
+    out_path
+        The ``.svs`` file to write; ``<stem>.truth.csv`` and ``<stem>.truth.json`` go beside it.
+    width_mm, height_mm
+        Size of the scanned window of the smear.
+    seed
+        Random seed: the same seed and parameters give the same slide whatever ``workers`` and
+        ``chunk_px`` are.
+    preset
+        Blood counts and differential (see :data:`pipeline.simulate.presets.PRESETS`).
+    mpp
+        Level-0 pixel size in um/px (0.25 is a 40x scan).
+    placement
+        Part of the smear shown: ``monolayer``, ``thick``, ``feathered``, ``across`` (all three zones
+        compressed into the window, for tests) or ``whole`` (the whole smear on a slide).
+    workers
+        Local Dask worker processes; 0 renders in this process.
+    chunk_px
+        Side of the square render chunks (a multiple of 256).
+    progress
+        Show a progress bar.
+    client
+        An existing ``distributed.Client`` to use instead of starting a local cluster.
+
+    Returns
+    -------
+    SimulationResult
+    """
+    started = time.perf_counter()
+    out = Path(out_path)
+    _validate(width_mm, height_mm, mpp, chunk_px, workers, out)
+    if placement not in PLACEMENTS:
+        raise ParameterError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
+    blood = get_preset(preset)
+    width_px = round(width_mm * 1000.0 / mpp)
+    height_px = round(height_mm * 1000.0 / mpp)
+    model = SlideModel(SceneSpec(width_px, height_px, mpp, seed, blood, placement))
+
+    stem = out.name[: -len(out.suffix)]
+    truth_path = out.with_name(stem + ".truth.csv")
+    summary_path = out.with_name(stem + ".truth.json")
+    partial = out.with_name(out.name + ".partial")
+    workdir = out.with_name(f".{stem}.simulate.tmp")
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+    try:
+        sizes = pyramid_sizes(width_px, height_px)
+        level1_path = str(workdir / "level1.zarr")
+        zarr.create_array(
+            level1_path,
+            shape=(sizes[1][1], sizes[1][0], 3),
+            chunks=(64, 64, 3),
+            dtype="uint8",
+            fill_value=255,
+            compressors=None,
+        )
+        n_tx, n_ty = math.ceil(width_px / TILE_PX), math.ceil(height_px / TILE_PX)
+        chunks = [
+            _Chunk(x0, y0, min(chunk_px, n_tx * TILE_PX - x0), min(chunk_px, n_ty * TILE_PX - y0))
+            for y0 in range(0, n_ty * TILE_PX, chunk_px)
+            for x0 in range(0, n_tx * TILE_PX, chunk_px)
+        ]
+        per_row = math.ceil(n_tx * TILE_PX / chunk_px)
+        collected: list[_ChunkResult] = []
+
+        def level0_tiles(results: Iterator[_ChunkResult]) -> Iterator[bytes]:
+            bar = tqdm(total=len(chunks), desc=f"simulate {out.name}", unit="chunk", disable=not progress)
+            row: list[_ChunkResult] = []
+            for result in results:
+                row.append(result)
+                bar.update(1)
+                if len(row) < per_row:
+                    continue
+                for t in range(len(row[0].tiles)):
+                    for part in row:
+                        yield from part.tiles[t]
+                # Tiles are written; keep only the small per-cell tables.
+                collected.extend(
+                    _ChunkResult([], r.cells, r.red_cells, r.platelets, r.red_cell_zones) for r in row
+                )
+                row = []
+            bar.close()
+
+        with SvsWriter(partial, width_px, height_px, mpp) as svs:
+            if client is not None:
+                svs.write_level0(
+                    level0_tiles(
+                        ordered_map(client, _render_chunk, chunks, model, level1_path, window=per_row + 4)
+                    )
+                )
+            else:
+                with compute_client(workers) as own_client:
+                    window = per_row + 2 * max(1, workers)
+                    svs.write_level0(
+                        level0_tiles(
+                            ordered_map(own_client, _render_chunk, chunks, model, level1_path, window=window)
+                        )
+                    )
+            levels = _write_reduced_levels(svs, level1_path, sizes)
+        truth, summary = _truth_tables(model, collected, placement, preset, seed, levels)
+        truth.to_csv(truth_path.with_name(truth_path.name + ".partial"), index=False)
+        summary_path.with_name(summary_path.name + ".partial").write_text(json.dumps(summary, indent=2))
+        os.replace(truth_path.with_name(truth_path.name + ".partial"), truth_path)
+        os.replace(summary_path.with_name(summary_path.name + ".partial"), summary_path)
+        os.replace(partial, out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return SimulationResult(
+        slide_path=out,
+        truth_path=truth_path,
+        summary_path=summary_path,
+        n_nucleated=len(truth),
+        n_red_cells=int(summary["red_cells"]),
+        width_px=width_px,
+        height_px=height_px,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_reduced_levels(
+    svs: SvsWriter, level1_path: str, sizes: list[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Write the thumbnail, level 1 from the temporary array, and smaller levels, band by band."""
+    level1 = zarr.open_array(level1_path, mode="r")
+    w1, h1 = sizes[1]
+    # Level 2 is 1/16 of level 1's pixels: small enough to hold (75 MB for a 20 x 20 mm slide).
+    finer = np.empty((sizes[2][1], sizes[2][0], 3), dtype=np.uint8) if len(sizes) > 2 else None
+    band = 4 * TILE_PX
+    for y in range(0, h1, band):
+        rows = level1[y : y + band]
+        if finer is not None:
+            small = _reduce4(rows)
+            finer[y // 4 : y // 4 + small.shape[0]] = small[: finer.shape[0] - y // 4]
+    pyramid = [finer] if finer is not None else []
+    for _ in sizes[3:]:
+        pyramid.append(_reduce4(pyramid[-1]))
+    smallest = pyramid[-1] if pyramid else level1[:]
+    svs.write_thumbnail(thumbnail_from(smallest))
+
+    def level1_tiles() -> Iterator[np.ndarray]:
+        for y in range(0, h1, TILE_PX):
+            yield from tiles_of(level1[y : y + TILE_PX])
+
+    svs.write_level(level1_tiles(), (w1, h1))
+    for image in pyramid:
+        svs.write_level(tiles_of(image), (image.shape[1], image.shape[0]))
+    return sizes
+
+
+def _reduce4(image: np.ndarray) -> np.ndarray:
+    h, w = image.shape[:2]
+    return cv2.resize(image, (math.ceil(w / 4), math.ceil(h / 4)), interpolation=cv2.INTER_AREA)
+
+
+def _truth_tables(
+    model: SlideModel,
+    results: list[_ChunkResult],
+    placement: str,
+    preset: str,
+    seed: int,
+    levels: list[tuple[int, int]],
+) -> tuple[pd.DataFrame, dict]:
+    spec, scene = model.spec, model.scene
+    cols = {k: np.concatenate([r.cells[k] for r in results]) for k in results[0].cells} if results else {}
+    df = pd.DataFrame(cols)
+    if df.empty:
+        df = pd.DataFrame(
+            {k: [] for k in ("x_um", "y_um", "class_index", "spread", "diameter_um", "nucleus_area_um2")}
+        )
+    df = df.sort_values(["y_um", "x_um"], kind="stable").reset_index(drop=True)
+    x, y = df["x_um"].to_numpy(float), df["y_um"].to_numpy(float)
+    touching = scene.thickness(x, y) > PUSH_ASIDE_MAX_THICKNESS  # red cells overlap them there
+    if len(df) > 1:
+        diameter = df["diameter_um"].to_numpy(float)
+        tree = cKDTree(np.column_stack([x, y]))
+        for i, j in tree.query_pairs(r=float(diameter.max())):
+            if math.hypot(x[i] - x[j], y[i] - y[j]) < 0.5 * (diameter[i] + diameter[j]):
+                touching[i] = touching[j] = True
+    blur = defocus_sigma_um(model.optics, x, y) if len(df) else np.zeros(0)
+    truth = pd.DataFrame(
+        {
+            "cell_id": np.arange(len(df), dtype=np.int64),
+            "cell_class": [MLL23_CLASSES[int(k)] for k in df["class_index"]],
+            "x_px": x / spec.mpp,
+            "y_px": y / spec.mpp,
+            "x_um": x,
+            "y_um": y,
+            "diameter_um": df["diameter_um"].to_numpy(float),
+            "nucleus_area_um2": df["nucleus_area_um2"].to_numpy(float),
+            "nucleated": True,
+            "zone": scene.zone(x, y).astype(str) if len(df) else np.zeros(0, dtype=str),
+            "in_focus": blur <= IN_FOCUS_MAX_SIGMA_UM,
+            "touching": touching,
+            "spread": df["spread"].to_numpy(float),
+            "blur_sigma_um": blur,
+        },
+        columns=list(TRUTH_COLUMNS),
+    )
+    zones: dict[str, int] = {}
+    for r in results:
+        for z, c in r.red_cell_zones.items():
+            zones[z] = zones.get(z, 0) + c
+    summary = {
+        "generator": f"pipeline {__version__} simulate",
+        "coordinates": "x_px, y_px: level-0 pixels, continuous (pixel i spans [i, i+1)); x_um = x_px * mpp",
+        "rows": "one row per nucleated cell (the 18 MLL23 classes, smudge cells included); red cells and "
+        "platelets are summarised here as counts of centres per zone",
+        "seed": seed,
+        "preset": asdict(get_preset(preset)),
+        "placement": placement,
+        "mpp": spec.mpp,
+        "width_px": spec.width_px,
+        "height_px": spec.height_px,
+        "levels": [list(s) for s in levels],
+        "stain_matrix_od_rgb": model.stain_matrix.round(4).tolist(),
+        "nucleated_cells": len(truth),
+        "nucleated_by_class": {str(k): int(v) for k, v in truth["cell_class"].value_counts().items()},
+        "nucleated_by_zone": {str(k): int(v) for k, v in truth["zone"].value_counts().items()},
+        "red_cells": sum(r.red_cells for r in results),
+        "red_cells_by_zone": zones,
+        "platelets": sum(r.platelets for r in results),
+    }
+    return truth, summary

@@ -1,0 +1,157 @@
+"""Write Aperio-style SVS files that OpenSlide opens as vendor ``aperio`` with MPP and objective power.
+
+Layout (DESIGN-NOTES.md section 5): page 0 is the tiled JPEG level 0 with the Aperio description; page 1
+a stripped thumbnail; then the reduced levels, tiled, in the main IFD chain. Every page is written with
+``photometric='rgb', compression='jpeg', metadata=None``: tifffile then stores YCbCr JPEG with 2x2 chroma
+subsampling, and writes no second ImageDescription (with one, OpenSlide falls back to generic TIFF).
+
+Level-0 tiles arrive already JPEG-encoded (workers encode them in parallel) with :func:`encode_tile`,
+which uses exactly the settings tifffile records in the tags.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import cv2
+import imagecodecs
+import numpy as np
+import tifffile
+
+TILE_PX = 256
+JPEG_QUALITY = 85
+_APERIO = "Aperio Image Library v12.0.15"
+
+
+def encode_tile(tile: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """JPEG-encode one RGB uint8 tile the way tifffile does for ``photometric='rgb'``."""
+    return imagecodecs.jpeg_encode(
+        np.ascontiguousarray(tile), level=quality, colorspace="RGB", outcolorspace="YCBCR", subsampling=(2, 2)
+    )
+
+
+def objective_power(mpp: float) -> float:
+    """Nominal objective magnification of a scan at ``mpp`` um/px (40x at 0.25 um/px)."""
+    return round(10.0 / mpp, 2)
+
+
+def _description(
+    width: int, height: int, mpp: float, quality: int, level_size: tuple[int, int] | None
+) -> str:
+    head = f"{_APERIO} \r\n{width}x{height} [0,0 {width}x{height}] ({TILE_PX}x{TILE_PX})"
+    if level_size is not None:
+        head += f" -> {level_size[0]}x{level_size[1]}"
+    return f"{head} JPEG/RGB Q={quality}|AppMag = {objective_power(mpp):g}|MPP = {mpp:.6g}"
+
+
+def pyramid_sizes(
+    width: int, height: int, min_levels: int = 3, smallest_px: int = 2048
+) -> list[tuple[int, int]]:
+    """Level sizes: level 0, then every 4x reduction; at least ``min_levels``, more while large."""
+    sizes = [(width, height)]
+    while len(sizes) < min_levels or max(sizes[-1]) > smallest_px:
+        w, h = sizes[-1]
+        if max(w, h) < 4:
+            break
+        sizes.append((math.ceil(w / 4), math.ceil(h / 4)))
+    return sizes
+
+
+def tiles_of(image: np.ndarray, background: int = 255) -> Iterator[np.ndarray]:
+    """Full 256 x 256 tiles of an image in row-major order, padded at the right and bottom."""
+    h, w = image.shape[:2]
+    for ty in range(0, h, TILE_PX):
+        for tx in range(0, w, TILE_PX):
+            part = image[ty : ty + TILE_PX, tx : tx + TILE_PX]
+            if part.shape[:2] == (TILE_PX, TILE_PX):
+                yield part
+            else:
+                tile = np.full((TILE_PX, TILE_PX, 3), background, dtype=np.uint8)
+                tile[: part.shape[0], : part.shape[1]] = part
+                yield tile
+
+
+class SvsWriter:
+    """Stream an Aperio SVS to disk: level 0 from encoded tiles, then thumbnail and reduced levels.
+
+    Examples
+    --------
+    >>> with SvsWriter(path, width, height, mpp=0.25) as svs:   # doctest: +SKIP
+    ...     svs.write_level0(encoded_tiles)
+    ...     svs.write_thumbnail(thumbnail_rgb)
+    ...     svs.write_level(level1_tiles, (w1, h1))
+    """
+
+    def __init__(self, path: str | Path, width: int, height: int, mpp: float, quality: int = JPEG_QUALITY):
+        self.path = Path(path)
+        self.width, self.height, self.mpp, self.quality = width, height, mpp, quality
+        self._tw = tifffile.TiffWriter(self.path, bigtiff=True)
+
+    def __enter__(self) -> SvsWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file (idempotent)."""
+        self._tw.close()
+
+    def write_level0(self, encoded_tiles: Iterable[bytes]) -> None:
+        """Write level 0 from JPEG tiles (see :func:`encode_tile`) in row-major tile order."""
+        self._tw.write(
+            iter(encoded_tiles),
+            shape=(self.height, self.width, 3),
+            dtype=np.uint8,
+            tile=(TILE_PX, TILE_PX),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": self.quality},
+            subsampling=(2, 2),
+            description=_description(self.width, self.height, self.mpp, self.quality, None),
+            metadata=None,
+        )
+
+    def write_thumbnail(self, rgb: np.ndarray) -> None:
+        """Write the stripped thumbnail page (page 1 of an Aperio file)."""
+        h, w = rgb.shape[:2]
+        self._tw.write(
+            np.ascontiguousarray(rgb),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": 90},
+            rowsperstrip=16,
+            description=f"{_APERIO} \r\n{self.width}x{self.height} -> {w}x{h} - |AppMag = "
+            f"{objective_power(self.mpp):g}|MPP = {self.mpp:.6g}",
+            metadata=None,
+        )
+
+    def write_level(self, tiles: Iterable[np.ndarray], size: tuple[int, int]) -> None:
+        """Write a reduced level of ``size`` (width, height) from full RGB tiles in row-major order."""
+        w, h = size
+        self._tw.write(
+            iter(tiles),
+            shape=(h, w, 3),
+            dtype=np.uint8,
+            tile=(TILE_PX, TILE_PX),
+            photometric="rgb",
+            compression="jpeg",
+            compressionargs={"level": self.quality},
+            subsampling=(2, 2),
+            subfiletype=0,
+            description=_description(self.width, self.height, self.mpp, self.quality, (w, h)),
+            metadata=None,
+        )
+
+
+def thumbnail_from(level: np.ndarray, max_px: int = 1024) -> np.ndarray:
+    """A thumbnail no larger than ``max_px`` on its long side, area-averaged."""
+    h, w = level.shape[:2]
+    scale = min(1.0, max_px / max(h, w))
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(level, size, interpolation=cv2.INTER_AREA)

@@ -1,0 +1,55 @@
+"""Shared fixtures: simulated slides are made once per test session (they are the test data)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED_SLIDES = SHARED / "data" / "slides"
+BCCD = SHARED / "data" / "bccd"
+
+
+@pytest.fixture(scope="session")
+def mll23_slide(tmp_path_factory: pytest.TempPathFactory):
+    """The acceptance slide of the simulator issue: 3 x 3 mm, preset mll23, all zones across it."""
+    from pipeline.simulate import simulate_slide
+
+    out = tmp_path_factory.mktemp("mll23") / "mll23.svs"
+    return simulate_slide(
+        out,
+        width_mm=3.0,
+        height_mm=3.0,
+        seed=23,
+        preset="mll23",
+        placement="across",
+        workers=0,
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def small_slide(tmp_path_factory: pytest.TempPathFactory):
+    """A small monolayer slide (1 x 1 mm, preset aml) for quick detection tests."""
+    from pipeline.simulate import simulate_slide
+
+    out = tmp_path_factory.mktemp("small") / "small.svs"
+    return simulate_slide(
+        out,
+        width_mm=1.0,
+        height_mm=1.0,
+        seed=5,
+        preset="aml",
+        placement="monolayer",
+        workers=0,
+        progress=False,
+    )
+
+
+def shared_path(*parts: str) -> Path:
+    """A path under ../shared, skipping the test where the shared folder is absent."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} not available")
+    return path

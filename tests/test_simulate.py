@@ -1,0 +1,187 @@
+"""The simulator: file format, truth, determinism, tile invariance, physical plausibility, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import openslide
+import pandas as pd
+import pytest
+import tifffile
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.simulate import TRUTH_COLUMNS, simulate_slide
+from pipeline.simulate.presets import get_preset
+from pipeline.simulate.render import SlideModel, render_region
+from pipeline.simulate.scene import SceneSpec
+
+
+def _od_sum(rgb: np.ndarray, white: np.ndarray) -> np.ndarray:
+    rgb = np.maximum(rgb.astype(np.float32), 1.0)
+    return -np.log10(rgb / white).sum(axis=-1)
+
+
+def test_slide_opens_as_aperio_with_pyramid(mll23_slide):
+    with openslide.OpenSlide(str(mll23_slide.slide_path)) as slide:
+        props = slide.properties
+        assert props["openslide.vendor"] == "aperio"
+        assert float(props["openslide.mpp-x"]) == pytest.approx(0.25)
+        assert float(props["openslide.mpp-y"]) == pytest.approx(0.25)
+        assert float(props["openslide.objective-power"]) == pytest.approx(40)
+        assert slide.dimensions == (12000, 12000)
+        downsamples = slide.level_downsamples
+        assert downsamples[:3] == pytest.approx((1, 4, 16), rel=1e-3)
+        # a level near 1 um/px for the detection overview
+        assert min(abs(0.25 * d - 1.0) for d in downsamples) < 0.05
+        assert "thumbnail" in slide.associated_images
+
+
+def test_truth_has_columns_and_many_classes(mll23_slide):
+    truth = pd.read_csv(mll23_slide.truth_path)
+    assert tuple(truth.columns) == TRUTH_COLUMNS
+    assert truth["nucleated"].all()
+    assert truth["cell_class"].nunique() >= 8
+    assert set(truth["zone"]) == {"thick", "monolayer", "feathered"}
+    assert truth["cell_id"].is_unique
+    assert np.allclose(truth["x_um"], truth["x_px"] * 0.25)
+    # red cells overlap white cells in the thick zone: every cell there touches something
+    assert truth.loc[truth.zone == "thick", "touching"].all()
+    # cells are larger and flatter at the feathered edge
+    assert (
+        truth.loc[truth.zone == "feathered", "spread"].mean()
+        > truth.loc[truth.zone == "monolayer", "spread"].mean()
+    )
+    assert 0.3 < truth["in_focus"].mean() <= 1.0
+
+
+def test_nucleated_centres_are_stained_and_glass_is_bright(mll23_slide):
+    truth = pd.read_csv(mll23_slide.truth_path)
+    cells = truth[(truth.zone == "monolayer") & truth.in_focus & ~truth.touching]
+    assert len(cells) >= 20
+    with openslide.OpenSlide(str(mll23_slide.slide_path)) as slide:
+        # the monolayer band of an 'across' slide: read a strip and estimate the glass white
+        strip = np.asarray(slide.read_region((4000, 0), 0, (4000, 12000)).convert("RGB"))
+        white = np.percentile(strip.reshape(-1, 3), 99, axis=0).astype(np.float32)
+        assert (white > 200).all(), f"glass should be bright, got {white}"
+        od = _od_sum(strip, white)
+        near_cell = np.zeros(od.shape, dtype=bool)
+        peaks = []
+        for x, y in zip(cells.x_px, cells.y_px, strict=True):
+            xi, yi = int(x) - 4000, int(y)
+            if not (40 <= xi < 4000 - 40 and 40 <= yi < 12000 - 40):
+                continue
+            near_cell[yi - 40 : yi + 40, xi - 40 : xi + 40] = True
+            peaks.append(od[yi - 8 : yi + 9, xi - 8 : xi + 9].max())  # within 2 um of the centre
+        red_cell_level = np.percentile(od[~near_cell], 99.5)
+    assert len(peaks) >= 15
+    assert np.median(peaks) > 2.0 * red_cell_level
+    assert np.mean(np.asarray(peaks) > 1.5 * red_cell_level) > 0.95
+
+
+def test_same_seed_same_slide_whatever_workers_and_chunks(tmp_path):
+    kwargs = dict(width_mm=0.6, height_mm=0.5, seed=7, preset="normal", placement="across", progress=False)
+    a = simulate_slide(tmp_path / "a.svs", workers=0, chunk_px=1024, **kwargs)
+    b = simulate_slide(tmp_path / "b.svs", workers=2, chunk_px=256, **kwargs)
+    c = simulate_slide(tmp_path / "c.svs", workers=0, chunk_px=512, **{**kwargs, "seed": 8})
+    pa, pb, pc = (tifffile.imread(r.slide_path, level=0) for r in (a, b, c))
+    assert np.array_equal(pa, pb)
+    assert not np.array_equal(pa, pc)
+    for level in (1, 2):
+        assert np.array_equal(
+            tifffile.imread(a.slide_path, level=level), tifffile.imread(b.slide_path, level=level)
+        )
+    pd.testing.assert_frame_equal(pd.read_csv(a.truth_path), pd.read_csv(b.truth_path))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    x=st.integers(0, 700),
+    y=st.integers(0, 700),
+    w=st.integers(1, 300),
+    h=st.integers(1, 300),
+)
+def test_rendering_is_tile_invariant(x, y, w, h):
+    model = _invariance_model()
+    whole = _invariance_whole()
+    part = render_region(model, 1000 + x, 1000 + y, w, h).rgb
+    assert np.array_equal(part, whole[y : y + h, x : x + w])
+
+
+_CACHE: dict[str, object] = {}
+
+
+def _invariance_model() -> SlideModel:
+    if "model" not in _CACHE:
+        _CACHE["model"] = SlideModel(SceneSpec(8000, 8000, 0.25, 11, get_preset("mll23"), "across"))
+    return _CACHE["model"]  # type: ignore[return-value]
+
+
+def _invariance_whole() -> np.ndarray:
+    if "whole" not in _CACHE:
+        _CACHE["whole"] = render_region(_invariance_model(), 1000, 1000, 1000, 1000).rgb
+    return _CACHE["whole"]  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--width-mm", "0"], "--width-mm"),
+        (["--height-mm", "100"], "--height-mm"),
+        (["--mpp", "5"], "--mpp"),
+        (["--chunk-px", "300"], "multiple of 256"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(tmp_path, args, message):
+    out = tmp_path / "x.svs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "simulate", str(out), "--workers", "0", "--quiet", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 1
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_bad_output_paths(tmp_path):
+    with pytest.raises(Exception, match=r"\.svs"):
+        simulate_slide(tmp_path / "x.tif", width_mm=0.3, height_mm=0.3, workers=0, progress=False)
+    with pytest.raises(Exception, match="does not exist"):
+        simulate_slide(tmp_path / "missing" / "x.svs", width_mm=0.3, height_mm=0.3, workers=0, progress=False)
+
+
+def test_unknown_preset_is_refused(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "simulate", str(tmp_path / "x.svs"), "--preset", "nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "invalid choice" in proc.stderr
+
+
+def test_presets_shift_the_differential(tmp_path):
+    aml = simulate_slide(
+        tmp_path / "aml.svs", width_mm=1.0, height_mm=1.0, seed=1, preset="aml", workers=0, progress=False
+    )
+    normal = simulate_slide(
+        tmp_path / "normal.svs",
+        width_mm=1.0,
+        height_mm=1.0,
+        seed=1,
+        preset="normal",
+        workers=0,
+        progress=False,
+    )
+    aml_truth = pd.read_csv(aml.truth_path)
+    normal_truth = pd.read_csv(normal.truth_path)
+    assert len(aml_truth) > 3 * len(normal_truth)  # leukaemic white count
+    assert (aml_truth.cell_class == "myeloblast").mean() > 0.4
+    assert (normal_truth.cell_class == "myeloblast").sum() == 0
