@@ -66,7 +66,7 @@ class QualityParams:
     max_coverage: float = 0.85
     max_overlap: float = 0.20
     min_gap_um: float = 1.0
-    max_blur_um: float = 1.2
+    max_blur_um: float = 0.9
 
     def __post_init__(self) -> None:
         for name in ("ring_gap_um", "ring_width_um", "stained_factor", "overlap_factor", "max_blur_um"):
