@@ -215,7 +215,9 @@ class Scene:
         y = np.asarray(y_um, dtype=np.float64)
         s = self.smear_coordinate(x, y)
         f = self.thickness(x, y)
-        out = np.where(s < THICK_END_S, "thick", np.where(s < FEATHER_START_S, "monolayer", "feathered"))
+        # The thick zone is where red cells lie on top of each other (white cells cannot push them aside).
+        thick = (s < THICK_END_S) & (f > PUSH_ASIDE_MAX_THICKNESS)
+        out = np.where(thick, "thick", np.where(s < FEATHER_START_S, "monolayer", "feathered"))
         return np.where(f <= 0.0, "glass", out)
 
     def spread(self, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
