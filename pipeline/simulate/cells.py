@@ -256,7 +256,7 @@ def _texture(rng: np.random.Generator, grid: _Grid, length_um: float, amplitude:
     sigma = max(0.5, length_um / grid.mpp)
     field = cv2.GaussianBlur(noise, (0, 0), sigma)
     field /= max(float(field.std()), 1e-6)
-    return 1.0 + amplitude * field
+    return np.maximum(1.0 + amplitude * field, 0.0)
 
 
 def _body(rng: np.random.Generator, grid: _Grid, radius: float, hairy: bool) -> np.ndarray:
