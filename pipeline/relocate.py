@@ -114,7 +114,7 @@ def refine_centre(
     mask = (smooth > nucleus_od).astype(np.uint8)
     merge_px = max(1, round(params.merge_um / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * merge_px + 1, 2 * merge_px + 1))
-    merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel)
+    merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
     n, labels = cv2.connectedComponents(merged, connectivity=8)
     cx, cy = centre_xy
     if n <= 1:
@@ -128,6 +128,8 @@ def refine_centre(
         return Refined(0.0, 0.0, math.nan, False)
     label = labels[yy[best], xx[best]]
     component = (labels == label) & (mask > 0)
+    if not component.any():  # closing can add pixels at the window border that hold no stain
+        return Refined(0.0, 0.0, math.nan, False)
     ys, xs = np.nonzero(component)
     new_x, new_y = xs.mean() + 0.5, ys.mean() + 0.5
     blur_um = _edge_blur_um(smooth, component, mpp)

@@ -233,15 +233,15 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     labels, objects = segment(rgb, plan.overview_mpp, estimate.stains, params.segment)
     if objects.empty:
         return _empty_candidates()
-    # Pixel centres are at +0.5: continuous coordinates of the centroid in the tile (with halo).
-    cx = objects["x_px"].to_numpy(float) + 0.5
-    cy = objects["y_px"].to_numpy(float) + 0.5
+    # Continuous coordinates of the centroids in the tile (with halo): pixel i spans [i, i+1).
+    cx = objects["x_px"].to_numpy(float)
+    cy = objects["y_px"].to_numpy(float)
     core = (cx >= halo) & (cx < halo + w) & (cy >= halo) & (cy < halo + h)
     objects = objects[core].reset_index(drop=True)
     cx, cy = cx[core], cy[core]
     if objects.empty:
         return _empty_candidates()
-    od = optical_density(rgb, plan.overview_mpp, params.segment).sum(axis=-1)
+    od = optical_density(rgb, plan.overview_mpp, params.segment, estimate.stains).sum(axis=-1)
     radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
     ring = ring_features(
         od, labels, cx, cy, radius_px, plan.overview_mpp, estimate.red_cell_od, params.quality

@@ -22,7 +22,7 @@ NC_RANGES = {
     "typical_lymphocyte": (0.45, 0.85),
     "neoplastic_lymphocyte": (0.4, 0.85),
     "myeloblast": (0.45, 0.85),
-    "segmented_neutrophil": (0.08, 0.45),
+    "segmented_neutrophil": (0.2, 0.5),
     "monocyte": (0.15, 0.5),
     "plasma_cell": (0.15, 0.5),
 }

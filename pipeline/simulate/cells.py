@@ -328,10 +328,13 @@ def _arc(grid: _Grid, arc_r: float, thick: float, angle: float, span: float) -> 
 
 
 def _lobes(rng: np.random.Generator, grid: _Grid, radius: float, n: int, folded: bool) -> np.ndarray:
-    lobe_r = radius * (rng.uniform(0.32, 0.4) if folded else rng.uniform(0.2, 0.26))
+    # Lobes of a segmented neutrophil together make ~1/3 of the cell's area (DESIGN-NOTES section 2).
+    lobe_r = radius * (
+        rng.uniform(0.32, 0.4) if folded else rng.uniform(0.27, 0.33) * (3.0 / max(n, 3)) ** 0.5
+    )
     centres = []
     start = rng.uniform(0, 2 * np.pi)
-    ring = radius * (0.28 if folded else 0.42)
+    ring = radius * (0.28 if folded else 0.38)
     for k in range(n):
         a = start + (k - (n - 1) / 2) * (2 * np.pi / max(n, 3)) * rng.uniform(0.8, 1.1)
         centres.append((ring * math.cos(a), ring * math.sin(a)))
@@ -339,7 +342,7 @@ def _lobes(rng: np.random.Generator, grid: _Grid, radius: float, n: int, folded:
     for x, y in centres:
         a = lobe_r * rng.uniform(0.9, 1.15)
         mask = np.maximum(mask, _ellipse(grid, x, y, a, a * rng.uniform(0.75, 0.95), rng.uniform(0, np.pi)))
-    strand = 0.25 if not folded else lobe_r * 0.8
+    strand = 0.3 if not folded else lobe_r * 0.8
     for (x1, y1), (x2, y2) in itertools.pairwise(centres):
         mask = np.maximum(mask, _segment(grid, x1, y1, x2, y2, strand))
     return mask

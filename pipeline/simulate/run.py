@@ -219,23 +219,25 @@ def simulate_slide(
         per_row = math.ceil(n_tx * TILE_PX / chunk_px)
         collected: list[_ChunkResult] = []
 
+        bar = tqdm(total=len(chunks), desc=f"simulate {out.name}", unit="chunk", disable=not progress)
+
         def level0_tiles(results: Iterator[_ChunkResult]) -> Iterator[bytes]:
-            bar = tqdm(total=len(chunks), desc=f"simulate {out.name}", unit="chunk", disable=not progress)
             row: list[_ChunkResult] = []
             for result in results:
                 row.append(result)
                 bar.update(1)
                 if len(row) < per_row:
                     continue
-                for t in range(len(row[0].tiles)):
-                    for part in row:
-                        yield from part.tiles[t]
-                # Tiles are written; keep only the small per-cell tables.
+                # Keep the small per-cell tables before yielding: the writer stops iterating at the
+                # last tile, so code after the final yield never runs.
                 collected.extend(
                     _ChunkResult([], r.cells, r.red_cells, r.platelets, r.red_cell_zones) for r in row
                 )
+                tiles = [r.tiles for r in row]
                 row = []
-            bar.close()
+                for t in range(len(tiles[0])):
+                    for part in tiles:
+                        yield from part[t]
 
         with SvsWriter(partial, width_px, height_px, mpp) as svs:
             if client is not None:
@@ -252,6 +254,9 @@ def simulate_slide(
                             ordered_map(own_client, _render_chunk, chunks, model, level1_path, window=window)
                         )
                     )
+            bar.close()
+            if len(collected) != len(chunks):
+                raise RuntimeError(f"rendered {len(collected)} of {len(chunks)} chunks")
             levels = _write_reduced_levels(svs, level1_path, sizes)
         truth, summary = _truth_tables(model, collected, placement, preset, seed, levels)
         truth.to_csv(truth_path.with_name(truth_path.name + ".partial"), index=False)
@@ -333,7 +338,8 @@ def _truth_tables(
         diameter = df["diameter_um"].to_numpy(float)
         tree = cKDTree(np.column_stack([x, y]))
         for i, j in tree.query_pairs(r=float(diameter.max())):
-            if math.hypot(x[i] - x[j], y[i] - y[j]) < 0.5 * (diameter[i] + diameter[j]):
+            # touching: rims closer than 1 um (cells are drawn side by side where the film is thin)
+            if math.hypot(x[i] - x[j], y[i] - y[j]) < 0.5 * (diameter[i] + diameter[j]) + 1.0:
                 touching[i] = touching[j] = True
     blur = defocus_sigma_um(model.optics, x, y) if len(df) else np.zeros(0)
     truth = pd.DataFrame(

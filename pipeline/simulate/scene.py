@@ -336,7 +336,41 @@ class Scene:
         return np.where(s > FEATHER_START_S, np.maximum(f, edge), f)
 
     def nucleated_in_block(self, bx: int, by: int) -> NucleatedCells:
-        """Nucleated cells of one 500-um block (an inhomogeneous Poisson process, by thinning)."""
+        """Nucleated cells of one 500-um block, after hard-core thinning.
+
+        In the monolayer and the feathered edge cells lie side by side, not on top of each other: a cell
+        is removed when it would overlap a neighbour with a smaller random mark (Matern type II). The
+        rule only looks at the 3 x 3 blocks around, so every tile sees the same cells.
+        """
+        cells, marks = self._raw_nucleated(bx, by)
+        if not len(cells):
+            return cells
+        near = [self._raw_nucleated(bx + i, by + j) for j in (-1, 0, 1) for i in (-1, 0, 1)]
+        others = _concat_nucleated([c for c, _ in near])
+        other_marks = np.concatenate([m for _, m in near])
+        radius = self.nucleated_radius_um(cells)
+        other_radius = self.nucleated_radius_um(others)
+        thin = self.thickness(cells.x_um, cells.y_um) <= PUSH_ASIDE_MAX_THICKNESS
+        drop = np.zeros(len(cells), dtype=bool)
+        for k in np.flatnonzero(thin):
+            d = np.hypot(others.x_um - cells.x_um[k], others.y_um - cells.y_um[k])
+            # the rims may touch (0.9): cells in a smear press against each other
+            conflict = (d < 0.9 * (radius[k] + other_radius)) & (other_marks < marks[k])
+            drop[k] = bool(conflict.any())
+        return select_cells(cells, ~drop)
+
+    def _raw_nucleated(self, bx: int, by: int) -> tuple[NucleatedCells, np.ndarray]:
+        """Nucleated cells of a block before hard-core thinning, with their thinning marks (cached)."""
+        key = (bx, by)
+        cache = self.__dict__.setdefault("_raw_cache", {})
+        if key not in cache:
+            if len(cache) > 256:
+                cache.clear()
+            cache[key] = self._draw_nucleated(bx, by)
+        return cache[key]
+
+    def _draw_nucleated(self, bx: int, by: int) -> tuple[NucleatedCells, np.ndarray]:
+        """An inhomogeneous Poisson process of nucleated cells in one block, by thinning."""
         spec = self.spec
         rng = block_rng(spec.seed, _B_NUCLEATED, bx, by)
         per_um2 = spec.preset.wbc_per_ul * FILM_DEPTH_UM * 1e-3 / 1e6
@@ -348,13 +382,15 @@ class Scene:
         u_class = rng.random(n)
         seeds = rng.integers(0, 2**63 - 1, size=n, dtype=np.int64).astype(np.uint64)
         u_spread = rng.normal(0.0, 0.04, n)
-        keep = (u_keep < self._wbc_density_factor(x, y) / peak) & (x < spec.width_um) & (y < spec.height_um)
+        marks = rng.random(n)
+        inside = (x >= 0) & (y >= 0) & (x < spec.width_um) & (y < spec.height_um)
+        keep = (u_keep < self._wbc_density_factor(x, y) / peak) & inside
         s = self.smear_coordinate(x, y)
         cdf = np.where((s > FEATHER_START_S)[:, None], self._edge_class_cdf, self._class_cdf)
         class_index = np.minimum((u_class[:, None] > cdf).sum(axis=1), len(MLL23_CLASSES) - 1)
         spread = self.spread(x, y) * np.exp(u_spread)
         idx = np.flatnonzero(keep)
-        return NucleatedCells(
+        cells = NucleatedCells(
             x_um=x[idx],
             y_um=y[idx],
             class_index=class_index[idx],
@@ -364,6 +400,7 @@ class Scene:
             block_y=np.full(len(idx), by),
             index_in_block=idx,
         )
+        return cells, marks[idx]
 
     def platelets_in_block(self, bx: int, by: int) -> SimpleObjects:
         """Platelets of one 500-um block."""
