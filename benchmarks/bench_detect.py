@@ -97,7 +97,9 @@ def decode_floor(slide_path: Path, gallery_path: Path) -> tuple[float, int]:
         for x, y in zip(gallery.cells["x_px"], gallery.cells["y_px"], strict=True):
             for ty in range(int((y - half) // 256), int((y + half) // 256) + 1):
                 for tx in range(int((x - half) // 256), int((x + half) // 256) + 1):
-                    if 0 <= ty < math.ceil(page0.imagelength / 256) and 0 <= tx < math.ceil(page0.imagewidth / 256):
+                    if 0 <= ty < math.ceil(page0.imagelength / 256) and 0 <= tx < math.ceil(
+                        page0.imagewidth / 256
+                    ):
                         wanted.add((ty, tx))
         level0 = tiles_of(page0, sorted(wanted))
     started = time.perf_counter()
@@ -128,10 +130,8 @@ def main() -> None:
         galleries = {}
         for workers in (1, 2):
             out = tmp / f"out{workers}"
-            m = run_measured(
-                [sys.executable, "-m", "pipeline", "run", str(slide), "--out", str(out), "--workers", str(workers),
-                 "--quiet"]
-            )  # fmt: skip
+            command = [sys.executable, "-m", "pipeline", "run", str(slide), "--out", str(out)]
+            m = run_measured([*command, "--workers", str(workers), "--quiet"])
             if m.returncode:
                 raise SystemExit(m.output)
             galleries[workers] = out / f"{slide.stem}.zarr"
@@ -139,7 +139,9 @@ def main() -> None:
             print(m.output.strip().splitlines()[-1])
         started = time.perf_counter()
         n_hand = hand_written(slide)
-        rows.append((f"hand-written openslide+skimage ({n_hand} crops)", time.perf_counter() - started, float("nan")))
+        rows.append(
+            (f"hand-written openslide+skimage ({n_hand} crops)", time.perf_counter() - started, float("nan"))
+        )
         floor, n_tiles = decode_floor(slide, galleries[1])
         rows.append((f"JPEG decode floor ({n_tiles} tiles, 1 core)", floor, float("nan")))
     hand = rows[2][1]

@@ -64,7 +64,7 @@ class QualityParams:
     stained_factor: float = 0.35
     overlap_factor: float = 1.6
     max_coverage: float = 0.85
-    max_overlap: float = 0.20
+    max_overlap: float = 0.08
     min_gap_um: float = 1.0
     max_blur_um: float = 0.9
 

@@ -83,7 +83,7 @@ class SegmentParams:
     max_extent_um: float = 40.0
     white_radius_um: float = 25.0
     white_floor: float = 0.85
-    threshold_factor: float = 6.0
+    threshold_factor: float = 4.0
     min_threshold: float = 0.07
     threshold: float | None = None
     merge_um: float = 2.0
