@@ -89,7 +89,9 @@ def ordered_map(
         for item in items:
             yield fn(item, *args)
         return
-    shared = [client.scatter(a, broadcast=True) if _worth_scattering(a) else a for a in args]
+    # hash=False: a unique key per map, so releasing one map's copy cannot race with the next map
+    # scattering the same object under the same content-hash key.
+    shared = [client.scatter(a, broadcast=True, hash=False) if _worth_scattering(a) else a for a in args]
     pending: deque[Any] = deque()
     try:
         for item in items:

@@ -187,7 +187,7 @@ def judge(candidates: pd.DataFrame, params: QualityParams) -> pd.DataFrame:
         reason = np.where(fails[name], name, reason)
     quality = (
         _soft(params.max_coverage - coverage, 0.05)
-        * _soft(params.max_overlap - overlap, 0.05)
+        * _soft(params.max_overlap - overlap, params.max_overlap / 4)
         * _soft(np.minimum(gap, 50.0) - params.min_gap_um, 1.0)
         * _soft(params.max_blur_um - blur, 0.1)
     )

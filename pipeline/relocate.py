@@ -19,8 +19,11 @@ import pandas as pd
 from .errors import ParameterError
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
-#: Pre-smoothing of the optical density before measuring gradients, px (removes pixel noise).
+#: Pre-smoothing of the optical density before thresholding, px (removes pixel noise).
 _PRE_SMOOTH_PX = 1.0
+#: The two smoothing scales (px) of the blur estimate, and the largest blur it reports (um).
+_BLUR_SCALES_PX = (1.0, 2.0)
+_MAX_BLUR_UM = 5.0
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,8 @@ def refine_centre(
     mpp: float,
     centre_xy: tuple[float, float],
     white_rgb: np.ndarray,
-    nucleus_od: float,
+    red_cell_direction: tuple[float, float, float],
+    threshold_od: float,
     params: CropParams,
 ) -> Refined:
     """Re-centre a cell on its nucleus in a full-resolution window and estimate its blur.
@@ -99,8 +103,9 @@ def refine_centre(
         The overview centre in window pixels (continuous coordinates).
     white_rgb
         Glass white level of the slide.
-    nucleus_od
-        Summed optical density above which a pixel is nuclear stain on this slide.
+    red_cell_direction, threshold_od
+        The slide's red-cell OD direction and stain threshold (see :mod:`pipeline.segment`): pixels
+        whose OD, red-cell component removed, exceeds the threshold are white-cell stain.
     params
         Search radius and lobe merge distance.
 
@@ -109,9 +114,13 @@ def refine_centre(
     Refined
         ``found`` is false (and the offset zero) when no nucleus lies within the search radius.
     """
-    od = od_sum_of(window_rgb, white_rgb)
-    smooth = cv2.GaussianBlur(od, (0, 0), _PRE_SMOOTH_PX)
-    mask = (smooth > nucleus_od).astype(np.uint8)
+    from .segment import stain_feature
+
+    ratio = np.maximum(window_rgb.astype(np.float32), 1.0) / np.asarray(white_rgb, dtype=np.float32)
+    od = -np.log10(np.minimum(ratio, 1.0))
+    feature = stain_feature(od, red_cell_direction)
+    smooth = cv2.GaussianBlur(feature, (0, 0), _PRE_SMOOTH_PX)
+    mask = (smooth > threshold_od).astype(np.uint8)
     merge_px = max(1, round(params.merge_um / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * merge_px + 1, 2 * merge_px + 1))
     merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
@@ -132,30 +141,44 @@ def refine_centre(
         return Refined(0.0, 0.0, math.nan, False)
     ys, xs = np.nonzero(component)
     new_x, new_y = xs.mean() + 0.5, ys.mean() + 0.5
-    blur_um = _edge_blur_um(smooth, component, mpp)
+    if (new_x - cx) ** 2 + (new_y - cy) ** 2 > search_px**2:  # a large stained patch, not this cell's nucleus
+        return Refined(0.0, 0.0, math.nan, False)
+    # Blur is measured on the summed density, which shows every edge of the cell.
+    blur_um = _edge_blur_um(od.sum(axis=-1), component, mpp)
     return Refined((new_x - cx) * mpp, (new_y - cy) * mpp, blur_um, True)
 
 
-def _edge_blur_um(smooth_od: np.ndarray, component: np.ndarray, mpp: float) -> float:
-    """Gaussian sigma (um) of the nucleus edge: contrast over the steepest gradient, as for a
-    blurred step edge (max slope = contrast / (sigma sqrt(2 pi)))."""
+def _edge_blur_um(od_sum: np.ndarray, component: np.ndarray, mpp: float) -> float:
+    """Gaussian sigma (um) of the cell's edges, from how edge gradients fall with extra smoothing.
+
+    A step edge blurred by sigma and smoothed by s has a peak gradient proportional to
+    1 / sqrt(sigma^2 + s^2), whatever its height. The ratio R of peak gradients at two scales s1 < s2
+    gives sigma^2 = (s2^2 - R^2 s1^2) / (R^2 - 1): no assumption about the contrast, so a nucleus
+    inside blue cytoplasm (two steps) is measured as well as a bare one.
+    """
     if component.sum() < 9:
         return math.nan
     comp = component.astype(np.uint8)
-    band_kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
-    outside = (cv2.dilate(comp, band_kernel, iterations=2) > 0) & ~component
-    edge = (cv2.dilate(comp, band_kernel) > 0) & (cv2.erode(comp, band_kernel) == 0)
-    if outside.sum() < 9 or edge.sum() < 9:
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (7, 7))
+    cell = cv2.dilate(comp, kernel, iterations=2) > 0
+    s1, s2 = _BLUR_SCALES_PX
+    magnitudes = []
+    for scale in (s1, s2):
+        smooth = cv2.GaussianBlur(od_sum, (0, 0), scale)
+        gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+        gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+        magnitudes.append(np.hypot(gx, gy)[cell])
+    # The cell's sharpest edges, compared at the same pixels: an edge's centre does not move when it
+    # is smoothed symmetrically.
+    strongest = magnitudes[0] >= np.percentile(magnitudes[0], 95)
+    peaks = [float(m[strongest].mean()) for m in magnitudes]
+    if peaks[1] <= 0:
         return math.nan
-    contrast = float(np.percentile(smooth_od[component], 90) - np.percentile(smooth_od[outside], 10))
-    gx = cv2.Sobel(smooth_od, cv2.CV_32F, 1, 0, ksize=3) / 8.0
-    gy = cv2.Sobel(smooth_od, cv2.CV_32F, 0, 1, ksize=3) / 8.0
-    slope = float(np.percentile(np.hypot(gx, gy)[edge], 95))
-    if slope <= 0 or contrast <= 0:
-        return math.nan
-    sigma_px = contrast / (_SQRT_2PI * slope)
-    blur_px = math.sqrt(max(sigma_px**2 - _PRE_SMOOTH_PX**2, 0.0))
-    return blur_px * mpp
+    r2 = (peaks[0] / peaks[1]) ** 2
+    if r2 <= 1.0:
+        return _MAX_BLUR_UM
+    sigma2 = (s2**2 - r2 * s1**2) / (r2 - 1.0)
+    return min(math.sqrt(max(sigma2, 0.0)) * mpp, _MAX_BLUR_UM)
 
 
 def crop_window(x_px: float, y_px: float, mpp0: float, params: CropParams) -> tuple[float, float]:

@@ -254,9 +254,8 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
         }
     )
     for column in objects.columns:
-        if column not in ("x_px", "y_px", "area_um2", "bbox") and np.issubdtype(
-            objects[column].dtype, np.number
-        ):
+        # The bounding box is in tile pixels: it would differ between tilings.
+        if column not in ("x_px", "y_px", "area_um2", "y0", "x0", "y1", "x1"):
             out[column] = objects[column].to_numpy()
     out["coverage"] = ring["coverage"].to_numpy()
     out["overlap"] = ring["overlap"].to_numpy()
@@ -273,22 +272,25 @@ def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> 
     half_um = crop.crop_um * 0.75 + crop.search_um
     half = math.ceil(half_um / plan.mpp0)
     refined: list[Refined] = []
-    white = np.asarray(estimate.white_rgb, dtype=np.float32)
+    stains = estimate.stains
+    white = np.asarray(stains.white_rgb, dtype=np.float32)
     for x, y in zip(batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), strict=True):
         wx0, wy0 = math.floor(x) - half, math.floor(y) - half
         window = slide.read_region(0, wx0, wy0, 2 * half, 2 * half)
-        od = od_sum_of(window, white)
-        nucleus_od = _nucleus_level(od, estimate.red_cell_od)
-        refined.append(refine_centre(window, plan.mpp0, (x - wx0, y - wy0), white, nucleus_od, crop))
+        refined.append(
+            refine_centre(
+                window,
+                plan.mpp0,
+                (x - wx0, y - wy0),
+                white,
+                stains.red_cell_direction,
+                stains.threshold_od,
+                crop,
+            )
+        )
     table = relocation_table(refined, batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), plan.mpp0)
     table.index = batch.index
     return table
-
-
-def _nucleus_level(od_sum: np.ndarray, red_cell_od: float) -> float:
-    """Nuclear-stain level in a window around a cell: between red cells and the window's darkest."""
-    darkest = float(np.percentile(od_sum, 99.5))
-    return max(1.3 * red_cell_od, red_cell_od + 0.45 * (darkest - red_cell_od))
 
 
 def _shard_task(shard: tuple[int, np.ndarray, np.ndarray], plan: Plan, partial_path: str) -> Any:

@@ -210,6 +210,10 @@ def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: Seg
     if not samples:
         raise ParameterError("estimate_slide_stains needs at least one sample window")
     pixels = np.concatenate([s.reshape(-1, 3) for s in samples]).astype(np.float32)
+    # Saturated pixels are padding outside the scanned area or clipped highlights, not glass.
+    unsaturated = pixels[(pixels < 254).any(axis=1)]
+    if len(unsaturated) > 100:
+        pixels = unsaturated
     brightness = pixels.sum(axis=1)
     glass = pixels[brightness >= np.percentile(brightness, 95)]
     white = np.median(glass, axis=0)
