@@ -168,6 +168,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return EXIT_FAILED if failed else 0
 
 
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="compare a gallery with a simulated slide's truth (recall, precision, centring, duplicates)",
+    )
+    p.add_argument("gallery", help="OUT/<stem>.zarr written by run")
+    p.add_argument("truth", help="<stem>.truth.csv written by simulate")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from .evaluate import evaluate_gallery
+
+    report = evaluate_gallery(args.gallery, args.truth)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"truth cells: {report['truth_cells']}")
+    print(
+        f"{'':<11}{'found':>7}{'recall':>8}{'precision':>10}{'dupl.':>6}{'false':>6}{'centre med/p95 um':>19}"
+    )
+    for name in ("candidates", "accepted"):
+        r = report[name]
+        err = r["centring_error_um"]
+        centring = f"{err['median']:.2f} / {err['p95']:.2f}" if err["median"] is not None else "-"
+        print(
+            f"{name:<11}{r['matched']:>7}{_pct(r['recall']):>8}{_pct(r['precision']):>10}"
+            f"{r['duplicates']:>6}{r['false']:>6}{centring:>19}"
+        )
+    for name in ("candidates", "accepted"):
+        zones = ", ".join(f"{z} {_pct(v)}" for z, v in report[name]["recall_by_zone"].items())
+        print(f"{name} recall by zone: {zones}")
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``python -m pipeline``."""
     parser = argparse.ArgumentParser(
@@ -180,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_run(sub)
     _add_simulate(sub)
+    _add_evaluate(sub)
     return parser
 
 
