@@ -230,7 +230,8 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     halo = plan.halo_px
     rgb = _read_overview(plan, x0 - halo, y0 - halo, w + 2 * halo, h + 2 * halo)
     params = plan.params
-    labels, objects = segment(rgb, plan.overview_mpp, estimate.stains, params.segment)
+    od = optical_density(rgb, plan.overview_mpp, params.segment, estimate.stains)
+    labels, objects = segment(rgb, plan.overview_mpp, estimate.stains, params.segment, od=od)
     if objects.empty:
         return _empty_candidates()
     # Continuous coordinates of the centroids in the tile (with halo): pixel i spans [i, i+1).
@@ -241,10 +242,10 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     cx, cy = cx[core], cy[core]
     if objects.empty:
         return _empty_candidates()
-    od = optical_density(rgb, plan.overview_mpp, params.segment, estimate.stains).sum(axis=-1)
+    od_sum = od.sum(axis=-1)
     radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
     ring = ring_features(
-        od, labels, cx, cy, radius_px, plan.overview_mpp, estimate.red_cell_od, params.quality
+        od_sum, labels, cx, cy, radius_px, plan.overview_mpp, estimate.red_cell_od, params.quality
     )
     out = pd.DataFrame(
         {

@@ -243,7 +243,7 @@ def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: Seg
 
 
 def segment(
-    rgb: np.ndarray, mpp: float, stains: SlideStains, params: SegmentParams
+    rgb: np.ndarray, mpp: float, stains: SlideStains, params: SegmentParams, od: np.ndarray | None = None
 ) -> tuple[np.ndarray, pd.DataFrame]:
     """Segment white cells in an overview tile.
 
@@ -257,6 +257,8 @@ def segment(
         The slide's statistics (:func:`estimate_slide_stains`).
     params
         Segmentation parameters.
+    od
+        The tile's :func:`optical_density`, when the caller has it already.
 
     Returns
     -------
@@ -268,7 +270,8 @@ def segment(
         ``stain_mean`` and ``stain_max`` (the stain feature, OD), ``nucleus_fraction`` (share of the
         object above threshold) and ``n_parts`` (separate stained parts merged into it, e.g. lobes).
     """
-    od = optical_density(rgb, mpp, params, stains)
+    if od is None:
+        od = optical_density(rgb, mpp, params, stains)
     feature = stain_feature(od, stains.red_cell_direction)
     core = (feature > np.float32(stains.threshold_od)).astype(np.uint8)
     merge = _pixels(mpp, params.merge_um) if params.merge_um > 0 else 0
@@ -319,7 +322,8 @@ def segment(
     out_labels = remap[labels]
     stain_sum = np.bincount(flat, weights=feature.ravel(), minlength=n)
     stain_max = np.zeros(n, dtype=np.float64)
-    np.maximum.at(stain_max, flat, feature.ravel())
+    if len(kept):
+        stain_max[kept] = ndimage.maximum(feature, labels, index=kept)
     n_parts = np.bincount(owner[1:], minlength=n)[:n] if n_core > 1 else np.zeros(n, np.int64)
     table = pd.DataFrame(
         {

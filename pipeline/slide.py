@@ -378,13 +378,20 @@ def _segment_level(page: tifffile.TiffPage, index: int, fmt: _PixelFormat) -> _S
     return level
 
 
+#: Decoded tiles kept per open slide: neighbouring cells' relocation windows and crops share tiles.
+TILE_CACHE_BYTES = 64 * 2**20
+
+
 class _SegmentReader:
-    """Reads rectangles by decoding only the strips or tiles they touch."""
+    """Reads rectangles by decoding only the strips or tiles they touch (recent ones are cached)."""
 
     def __init__(self, path: Path, levels: list[_SegmentLevel]) -> None:
         self.path = path
         self.levels = levels
         self._file = _FileHandle(path)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray | None] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
 
     def close(self) -> None:
         self._file.close()
@@ -436,6 +443,22 @@ class _SegmentReader:
                 native[(*dst, slice(plane, plane + 1))] = part
 
     def _decode(self, level: int, index: int, row: int, col: int) -> np.ndarray | None:
+        key = (level, index)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        segment = self._decode_uncached(level, index, row, col)
+        size = 0 if segment is None else segment.nbytes
+        with self._cache_lock:
+            self._cache[key] = segment
+            self._cache_bytes += size
+            while self._cache_bytes > TILE_CACHE_BYTES and len(self._cache) > 1:
+                _, old = self._cache.popitem(last=False)
+                self._cache_bytes -= 0 if old is None else old.nbytes
+        return segment
+
+    def _decode_uncached(self, level: int, index: int, row: int, col: int) -> np.ndarray | None:
         lv = self.levels[level]
         offset, size = int(lv.offsets[index]), int(lv.bytecounts[index])
         if size <= 0 or offset <= 0:

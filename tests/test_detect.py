@@ -212,3 +212,21 @@ def test_crop_geometry_follows_parameters(small_slide, tmp_path):
     gallery = open_gallery(result.gallery)
     assert gallery.images.shape[1:] == (128, 128, 3)
     assert gallery.attrs["parameters"]["crop"]["crop_um"] == 20.0
+
+
+def test_blank_glass_is_skipped_without_changing_the_result(tmp_path):
+    # the feathered end of a smear: cells thin out, then bare glass beyond the tip
+    sim = simulate_slide(
+        tmp_path / "edge.svs", width_mm=3.0, height_mm=0.6, seed=4, preset="aml", placement="feathered",
+        mpp=0.5, workers=0, progress=False,
+    )  # fmt: skip
+    params = RunParams(tile_px=256)
+    fast = run_slide(sim.slide_path, tmp_path / "fast", params=params, workers=0, progress=False)
+    full = run_slide(
+        sim.slide_path, tmp_path / "full", params=replace(params, skip_blank=False), workers=0, progress=False
+    )
+    a, b = open_gallery(fast.gallery), open_gallery(full.gallery)
+    assert a.attrs["overview"]["tiles_blank"] >= 3
+    assert b.attrs["overview"]["tiles_blank"] == 0
+    assert len(a.candidates) > 10
+    pd.testing.assert_frame_equal(a.candidates, b.candidates)
