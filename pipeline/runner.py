@@ -17,7 +17,7 @@ import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,9 @@ from .slide import SlideRef, cached_slide, open_slide
 
 #: The overview is read at about this pixel size, like a 10x objective.
 OVERVIEW_MPP = 1.0
+#: Thumbnail pixels darker than this (OD summed over R, G, B, against the slide's white) hold stain;
+#: vignetting of up to ~13 % at a camera field's corner stays below it.
+BLANK_MAX_OD_SUM = 0.18
 #: A native pyramid level within this factor of OVERVIEW_MPP is used as it is (no resampling).
 NATIVE_LEVEL_TOLERANCE = 1.35
 
@@ -120,7 +123,6 @@ class SlideEstimate:
     """Slide-level statistics estimated once from sample windows."""
 
     stains: SlideStains
-    white_rgb: tuple[float, float, float]
     red_cell_od: float
 
 
@@ -182,12 +184,13 @@ def blank_tile_mask(plan: Plan, tiles: list[tuple[int, int, int, int]]) -> np.nd
     with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
         thumb, thumb_mpp = slide.thumbnail(max(64, min(2048, math.ceil(longest_um / 4.0))))
     thumb = thumb.astype(np.float32)
-    # White of the glass nearby (vignetting and tint vary across fields).
-    radius = max(1, round(250.0 / thumb_mpp))
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * radius + 1, 2 * radius + 1))
-    white = cv2.dilate(thumb, kernel)
+    # Against the slide's brightest glass (not a local maximum, which would make a large thick zone
+    # look like glass): stain is anything darker than vignetting at a field corner can make glass.
+    pixels = thumb.reshape(-1, 3)
+    unsaturated = pixels[(pixels < 254).any(axis=1)]
+    white = np.percentile(unsaturated if len(unsaturated) > 100 else pixels, 99, axis=0)
     od = od_sum_of(thumb, np.maximum(white, 1.0))
-    stained = (od > 0.06).astype(np.uint8)
+    stained = (od > BLANK_MAX_OD_SUM).astype(np.uint8)
     px_per_ov = plan.overview_mpp / thumb_mpp
     grow = math.ceil((plan.halo_px + 2) * px_per_ov) + 1
     stained = cv2.dilate(stained, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * grow + 1, 2 * grow + 1)))
@@ -214,13 +217,11 @@ def _estimate_task(windows: list[tuple[int, int, int, int]], plan: Plan) -> Slid
     samples = [_read_overview(plan, *window) for window in windows]
     stains = estimate_slide_stains(samples, plan.overview_mpp, plan.params.segment)
     pixels = np.concatenate([s.reshape(-1, 3) for s in samples]).astype(np.float32)
-    brightness = pixels.sum(axis=1)
-    glass = pixels[brightness >= np.percentile(brightness, 90)]
-    white = np.median(glass, axis=0)
-    od = od_sum_of(pixels[None], white)[0]
+    od = od_sum_of(pixels[None], np.asarray(stains.white_rgb, dtype=np.float32))[0]
+    # Red cells dominate stained pixels; the quality ring measures stain relative to them.
     stained = od[(od > 0.12) & (od < np.percentile(od, 99.5))]
     red_cell_od = float(np.median(stained)) if stained.size > 100 else 0.4
-    return SlideEstimate(stains, (float(white[0]), float(white[1]), float(white[2])), red_cell_od)
+    return SlideEstimate(stains, red_cell_od)
 
 
 # -------------------------------------------------------------------------------------- detection
@@ -545,7 +546,6 @@ def _attrs(
         },
         "estimate": {
             "stains": asdict(estimate.stains),
-            "white_rgb": list(estimate.white_rgb),
             "red_cell_od": estimate.red_cell_od,
         },
         "counts": {
@@ -574,8 +574,3 @@ def _write_qc(final: Path, slide_path: Path, plan: Plan, candidates: pd.DataFram
     images = gallery.images[:n] if n else np.zeros((0, 1, 1, 3), np.uint8)
     labels = [f"q={q:.2f}" for q in gallery.cells["quality"].to_numpy()[:n]] if n else None
     write_png(final.with_name(f"{stem}.contact.png"), contact_sheet(np.asarray(images), labels))
-
-
-def with_overrides(params: RunParams, **changes: Any) -> RunParams:
-    """A copy of ``params`` with top-level fields replaced (used by the CLI)."""
-    return replace(params, **changes)

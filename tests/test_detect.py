@@ -215,12 +215,12 @@ def test_crop_geometry_follows_parameters(small_slide, tmp_path):
 
 
 def test_blank_glass_is_skipped_without_changing_the_result(tmp_path):
-    # the feathered end of a smear: cells thin out, then bare glass beyond the tip
+    # a whole smear drawn small: glass margins around it (label end, beyond the feathered tip, sides)
     sim = simulate_slide(
-        tmp_path / "edge.svs", width_mm=3.0, height_mm=0.6, seed=4, preset="aml", placement="feathered",
+        tmp_path / "edge.svs", width_mm=3.0, height_mm=1.0, seed=4, preset="aml", placement="whole",
         mpp=0.5, workers=0, progress=False,
     )  # fmt: skip
-    params = RunParams(tile_px=256)
+    params = RunParams(tile_px=128)
     fast = run_slide(sim.slide_path, tmp_path / "fast", params=params, workers=0, progress=False)
     full = run_slide(
         sim.slide_path, tmp_path / "full", params=replace(params, skip_blank=False), workers=0, progress=False
