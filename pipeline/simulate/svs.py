@@ -104,18 +104,7 @@ class SvsWriter:
 
     def write_level0(self, encoded_tiles: Iterable[bytes]) -> None:
         """Write level 0 from JPEG tiles (see :func:`encode_tile`) in row-major tile order."""
-        self._tw.write(
-            iter(encoded_tiles),
-            shape=(self.height, self.width, 3),
-            dtype=np.uint8,
-            tile=(TILE_PX, TILE_PX),
-            photometric="rgb",
-            compression="jpeg",
-            compressionargs={"level": self.quality},
-            subsampling=(2, 2),
-            description=_description(self.width, self.height, self.mpp, self.quality, None),
-            metadata=None,
-        )
+        self._write_tiled(encoded_tiles, (self.width, self.height), None)
 
     def write_thumbnail(self, rgb: np.ndarray) -> None:
         """Write the stripped thumbnail page (page 1 of an Aperio file)."""
@@ -133,7 +122,16 @@ class SvsWriter:
 
     def write_level(self, tiles: Iterable[np.ndarray], size: tuple[int, int]) -> None:
         """Write a reduced level of ``size`` (width, height) from full RGB tiles in row-major order."""
+        self._write_tiled(tiles, size, size)
+
+    def _write_tiled(
+        self,
+        tiles: Iterable[bytes] | Iterable[np.ndarray],
+        size: tuple[int, int],
+        reduced: tuple[int, int] | None,
+    ) -> None:
         w, h = size
+        extra = {} if reduced is None else {"subfiletype": 0}
         self._tw.write(
             iter(tiles),
             shape=(h, w, 3),
@@ -143,9 +141,9 @@ class SvsWriter:
             compression="jpeg",
             compressionargs={"level": self.quality},
             subsampling=(2, 2),
-            subfiletype=0,
-            description=_description(self.width, self.height, self.mpp, self.quality, (w, h)),
+            description=_description(self.width, self.height, self.mpp, self.quality, reduced),
             metadata=None,
+            **extra,
         )
 
 
