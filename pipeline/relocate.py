@@ -10,6 +10,7 @@ leaves the slide, which is flagged.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ParameterError
+from .segment import SlideStains, stain_feature
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 #: Pre-smoothing of the optical density before thresholding, px (removes pixel noise).
@@ -24,6 +26,9 @@ _PRE_SMOOTH_PX = 1.0
 #: The two smoothing scales (px) of the blur estimate, and the largest blur it reports (um).
 _BLUR_SCALES_PX = (1.0, 2.0)
 _MAX_BLUR_UM = 5.0
+#: Context around a nucleus for the blur estimate, px: two 7 x 7 dilations (6 px), the larger Gaussian's
+#: kernel radius (8 px at sigma 2) and the Sobel (1 px).
+_BLUR_MARGIN_PX = 16
 
 
 @dataclass(frozen=True)
@@ -82,69 +87,97 @@ def od_sum_of(rgb: np.ndarray, white_rgb: np.ndarray) -> np.ndarray:
     return od.sum(axis=-1)
 
 
+def od_table(white_rgb: Sequence[float]) -> np.ndarray:
+    """Look-up table ``(1, 256, 3)`` float32 of each 8-bit level's OD against ``white_rgb``, for ``cv2.LUT``.
+
+    Levels at or above the white read as 0 (glass); 0 reads as 1 (a black pixel has a finite OD).
+    """
+    levels = np.maximum(np.arange(256, dtype=np.float64), 1.0)[:, None]
+    white = np.asarray(white_rgb, dtype=np.float64)[None, :]
+    od = np.maximum(np.log10(white) - np.log10(levels), 0.0)
+    return od.astype(np.float32)[None]
+
+
 def refine_centre(
     window_rgb: np.ndarray,
     mpp: float,
     centre_xy: tuple[float, float],
-    white_rgb: np.ndarray,
-    red_cell_direction: tuple[float, float, float],
-    threshold_od: float,
+    stains: SlideStains,
     params: CropParams,
+    od_lut: np.ndarray | None = None,
 ) -> Refined:
     """Re-centre a cell on its nucleus in a full-resolution window and estimate its blur.
 
     Parameters
     ----------
     window_rgb
-        RGB window around the cell at the finest level.
+        RGB uint8 window around the cell at the finest level.
     mpp
         Pixel size of the window, um/px.
     centre_xy
         The overview centre in window pixels (continuous coordinates).
-    white_rgb
-        Glass white level of the slide.
-    red_cell_direction, threshold_od
-        The slide's red-cell OD direction and stain threshold (see :mod:`pipeline.segment`): pixels
-        whose OD, red-cell component removed, exceeds the threshold are white-cell stain.
+    stains
+        The slide's statistics (:class:`pipeline.segment.SlideStains`): its glass white, red-cell
+        direction and stain threshold. Pixels whose OD, red-cell component removed, exceeds the
+        threshold are white-cell stain.
     params
         Search radius and lobe merge distance.
+    od_lut
+        :func:`od_table` of the slide's white, when the caller has it (it is the same for every cell).
 
     Returns
     -------
     Refined
         ``found`` is false (and the offset zero) when no nucleus lies within the search radius.
     """
-    from .segment import stain_feature
-
-    ratio = np.maximum(window_rgb.astype(np.float32), 1.0) / np.asarray(white_rgb, dtype=np.float32)
-    od = -np.log10(np.minimum(ratio, 1.0))
-    feature = stain_feature(od, red_cell_direction)
+    window_rgb = np.ascontiguousarray(window_rgb, dtype=np.uint8)
+    lut = od_table(stains.white_rgb) if od_lut is None else od_lut
+    od = cv2.LUT(window_rgb, lut)
+    # The residual's whole length, not only its nuclear component: the nucleus's blue-violet rim counts,
+    # which centres better (median centring error 0.26 um against 0.40 um on a simulated slide).
+    feature = stain_feature(od, stains.red_cell_direction)
     smooth = cv2.GaussianBlur(feature, (0, 0), _PRE_SMOOTH_PX)
-    mask = (smooth > threshold_od).astype(np.uint8)
+    mask = (smooth > stains.threshold_od).astype(np.uint8)
     merge_px = max(1, round(params.merge_um / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * merge_px + 1, 2 * merge_px + 1))
     merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    n, labels = cv2.connectedComponents(merged, connectivity=8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
     cx, cy = centre_xy
     if n <= 1:
         return Refined(0.0, 0.0, math.nan, False)
     # The component closest to the overview centre (by its nearest pixel), within the search radius.
+    # Pixels outside the search box are farther than the radius, so only the box is searched.
     search_px = params.search_um / mpp
-    yy, xx = np.nonzero(labels)
+    h, w = labels.shape
+    bx0, by0 = max(0, math.floor(cx - search_px) - 1), max(0, math.floor(cy - search_px) - 1)
+    bx1, by1 = min(w, math.ceil(cx + search_px) + 1), min(h, math.ceil(cy + search_px) + 1)
+    yy, xx = np.nonzero(labels[by0:by1, bx0:bx1])
+    if yy.size == 0:
+        return Refined(0.0, 0.0, math.nan, False)
+    yy, xx = yy + by0, xx + bx0
     d2 = (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2
     best = int(np.argmin(d2))
     if d2[best] > search_px**2:
         return Refined(0.0, 0.0, math.nan, False)
     label = labels[yy[best], xx[best]]
-    component = (labels == label) & (mask > 0)
+    x0, y0, bw, bh = (int(v) for v in stats[label, :4])
+    box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
+    component = (labels[box] == label) & (mask[box] > 0)
     if not component.any():  # closing can add pixels at the window border that hold no stain
         return Refined(0.0, 0.0, math.nan, False)
     ys, xs = np.nonzero(component)
-    new_x, new_y = xs.mean() + 0.5, ys.mean() + 0.5
+    new_x, new_y = xs.mean() + x0 + 0.5, ys.mean() + y0 + 0.5
     if (new_x - cx) ** 2 + (new_y - cy) ** 2 > search_px**2:  # a large stained patch, not this cell's nucleus
         return Refined(0.0, 0.0, math.nan, False)
-    # Blur is measured on the summed density, which shows every edge of the cell.
-    blur_um = _edge_blur_um(od.sum(axis=-1), component, mpp)
+    # Blur is measured on the summed density, which shows every edge of the cell, in a margin around
+    # the component wide enough for every filter below (so the result equals the whole window's).
+    m = _BLUR_MARGIN_PX
+    sx0, sy0 = max(0, x0 - m), max(0, y0 - m)
+    sx1, sy1 = min(w, x0 + bw + m), min(h, y0 + bh + m)
+    full = np.zeros((sy1 - sy0, sx1 - sx0), dtype=bool)
+    full[y0 - sy0 : y0 - sy0 + bh, x0 - sx0 : x0 - sx0 + bw] = component
+    od_sum = cv2.transform(od[sy0:sy1, sx0:sx1], np.ones((1, 3), np.float32))
+    blur_um = _edge_blur_um(od_sum, full, mpp)
     return Refined((new_x - cx) * mpp, (new_y - cy) * mpp, blur_um, True)
 
 

@@ -39,7 +39,16 @@ from .gallery import (
 )
 from .qc import contact_sheet, overview_picture, write_png
 from .quality import QualityParams, judge, neighbour_gaps_um, ring_features
-from .relocate import CropParams, Refined, crop_window, is_padded, od_sum_of, refine_centre, relocation_table
+from .relocate import (
+    CropParams,
+    Refined,
+    crop_window,
+    is_padded,
+    od_sum_of,
+    od_table,
+    refine_centre,
+    relocation_table,
+)
 from .segment import (
     SegmentParams,
     SlideStains,
@@ -274,22 +283,11 @@ def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> 
     half_um = crop.crop_um * 0.75 + crop.search_um
     half = math.ceil(half_um / plan.mpp0)
     refined: list[Refined] = []
-    stains = estimate.stains
-    white = np.asarray(stains.white_rgb, dtype=np.float32)
+    lut = od_table(estimate.stains.white_rgb)
     for x, y in zip(batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), strict=True):
         wx0, wy0 = math.floor(x) - half, math.floor(y) - half
         window = slide.read_region(0, wx0, wy0, 2 * half, 2 * half)
-        refined.append(
-            refine_centre(
-                window,
-                plan.mpp0,
-                (x - wx0, y - wy0),
-                white,
-                stains.red_cell_direction,
-                stains.threshold_od,
-                crop,
-            )
-        )
+        refined.append(refine_centre(window, plan.mpp0, (x - wx0, y - wy0), estimate.stains, crop, lut))
     table = relocation_table(refined, batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), plan.mpp0)
     table.index = batch.index
     return table

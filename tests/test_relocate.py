@@ -9,9 +9,18 @@ import pytest
 from pipeline.errors import ParameterError
 from pipeline.quality import QualityParams
 from pipeline.relocate import CropParams, is_padded, refine_centre
+from pipeline.segment import DEFAULT_NUCLEUS_DIRECTION, SlideStains, _orthogonal
 
 WHITE = np.array([240.0, 240.0, 240.0], np.float32)
 RED = (0.5, 0.7, 0.45)  # red-cell OD direction of the background below
+STAINS = SlideStains(
+    white_rgb=(240.0, 240.0, 240.0),
+    red_cell_direction=RED,
+    red_cell_level=0.01,
+    threshold_od=0.1,
+    stained_fraction=0.5,
+    nucleus_direction=tuple(_orthogonal(DEFAULT_NUCLEUS_DIRECTION, RED)),
+)
 
 
 def _cell_window(cx, cy, blur_um, mpp=0.25, size=200, lobes=((0.0, 0.0),)):
@@ -30,7 +39,7 @@ def _cell_window(cx, cy, blur_um, mpp=0.25, size=200, lobes=((0.0, 0.0),)):
 @pytest.mark.parametrize("blur_um", [0.2, 0.4, 0.6, 0.8, 1.0])
 def test_blur_estimate_tracks_the_true_blur(blur_um):
     window = _cell_window(100.3, 97.8, blur_um)
-    refined = refine_centre(window, 0.25, (104.0, 94.0), WHITE, RED, 0.1, CropParams())
+    refined = refine_centre(window, 0.25, (104.0, 94.0), STAINS, CropParams())
     assert refined.found
     assert refined.blur_um == pytest.approx(blur_um, abs=0.1)
 
@@ -39,7 +48,7 @@ def test_blur_estimate_tracks_the_true_blur(blur_um):
 def test_strong_blur_is_above_the_default_focus_limit(blur_um):
     # On a 6-um nucleus the estimate saturates near 1.2 um, still well above the 0.9 um default limit.
     window = _cell_window(100.3, 97.8, blur_um)
-    refined = refine_centre(window, 0.25, (104.0, 94.0), WHITE, RED, 0.1, CropParams())
+    refined = refine_centre(window, 0.25, (104.0, 94.0), STAINS, CropParams())
     assert refined.blur_um > QualityParams().max_blur_um
 
 
@@ -49,7 +58,7 @@ def test_recentres_on_the_nucleus_and_merges_lobes():
     lobes = ((-3.0, 0.0), (0.0, 0.5), (3.0, 0.0))
     window = _cell_window(100.0, 100.0, 0.2, mpp=mpp, lobes=lobes)
     params = CropParams(merge_um=2.5)
-    refined = refine_centre(window, mpp, (108.0, 92.0), WHITE, RED, 0.1, params)
+    refined = refine_centre(window, mpp, (108.0, 92.0), STAINS, params)
     assert refined.found
     new_x = 108.0 + refined.dx_um / mpp
     new_y = 92.0 + refined.dy_um / mpp
@@ -59,7 +68,7 @@ def test_recentres_on_the_nucleus_and_merges_lobes():
 
 def test_nothing_within_the_search_radius_is_not_found():
     window = _cell_window(30.0, 30.0, 0.2)
-    refined = refine_centre(window, 0.25, (170.0, 170.0), WHITE, RED, 0.1, CropParams(search_um=5.0))
+    refined = refine_centre(window, 0.25, (170.0, 170.0), STAINS, CropParams(search_um=5.0))
     assert not refined.found
     assert refined.dx_um == 0.0 and refined.dy_um == 0.0
 
