@@ -452,13 +452,14 @@ def _orthogonal(vector: Sequence[float], direction: Sequence[float]) -> np.ndarr
 
 # ----------------------------------------------------------------------------- slide statistics
 def _glass_white(samples: Sequence[np.ndarray]) -> np.ndarray:
-    pixels = np.concatenate([s.reshape(-1, 3) for s in samples]).astype(np.float32)
+    pixels = np.concatenate([s.reshape(-1, 3) for s in samples])
     # Saturated pixels are padding outside the scanned area or clipped highlights, not glass.
     unsaturated = pixels[(pixels < 254).any(axis=1)]
     if len(unsaturated) > 100:
         pixels = unsaturated
-    brightness = pixels.sum(axis=1)
-    return np.median(pixels[brightness >= np.percentile(brightness, 95)], axis=0)
+    brightness = pixels.sum(axis=1, dtype=np.int32)
+    bright = pixels[brightness >= np.percentile(brightness, 95)]
+    return np.median(bright.astype(np.float32), axis=0)
 
 
 def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: SegmentParams) -> SlideStains:
@@ -532,8 +533,9 @@ def _triple(v: np.ndarray) -> tuple[float, float, float]:
 def _nucleus_direction(od: np.ndarray, red: np.ndarray, threshold: float, mpp: float) -> np.ndarray:
     """Mean direction of the strong non-red residuals (nuclei, platelets), near the default one."""
     prior = _orthogonal(DEFAULT_NUCLEUS_DIRECTION, red)
-    residual = od - np.outer(od @ red, red)
-    length = np.linalg.norm(residual, axis=1)
+    red32 = red.astype(np.float32)
+    residual = od - (od @ red32)[:, None] * red32
+    length = np.sqrt(np.einsum("ij,ij->i", residual, residual))
     strong = residual[length > threshold]
     # at least ~50 um^2 of stain, pointing one way (not noise in all directions)
     if len(strong) * mpp * mpp < 50.0:
