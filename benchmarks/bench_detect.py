@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._measure import run_measured
+from pipeline.gallery import open_gallery
 
 
 def hand_written(slide_path: Path, crop_um: float = 25.0, crop_px: int = 288) -> int:
@@ -68,8 +69,6 @@ def decode_floor(slide_path: Path, gallery_path: Path) -> tuple[float, int]:
     """Seconds to decode (one core) the overview tiles and the level-0 tiles under the gallery's crops."""
     import imagecodecs
     import tifffile
-
-    from pipeline.gallery import open_gallery
 
     gallery = open_gallery(gallery_path)
     overview_level = gallery.attrs["overview"]["level"]
@@ -128,15 +127,21 @@ def main() -> None:
             print(f"simulated {slide.name}: {args.size_mm:g} x {args.size_mm:g} mm in {m.seconds:.1f} s")
         rows = []
         galleries = {}
-        for workers in (1, 2):
+        for workers in (1, 2, 0):
             out = tmp / f"out{workers}"
             command = [sys.executable, "-m", "pipeline", "run", str(slide), "--out", str(out)]
             m = run_measured([*command, "--workers", str(workers), "--quiet"])
             if m.returncode:
                 raise SystemExit(m.output)
             galleries[workers] = out / f"{slide.stem}.zarr"
-            rows.append((f"pipeline, {workers} worker{'s' if workers > 1 else ''}", m.seconds, m.peak_rss_mb))
+            name = f"pipeline, {workers} worker{'s' if workers > 1 else ''}"
+            if workers == 0:
+                name = "pipeline in one process (no Dask cluster)"
+            rows.append((name, m.seconds, m.peak_rss_mb))
             print(m.output.strip().splitlines()[-1])
+        # Where the time goes, from the in-process run's own stage timings (no start-up costs).
+        stages = open_gallery(galleries[0]).attrs["timings_s"]
+        print("stages of the in-process run (s): " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
         started = time.perf_counter()
         n_hand = hand_written(slide)
         rows.append(
@@ -144,7 +149,7 @@ def main() -> None:
         )
         floor, n_tiles = decode_floor(slide, galleries[1])
         rows.append((f"JPEG decode floor ({n_tiles} tiles, 1 core)", floor, float("nan")))
-    hand = rows[2][1]
+    hand = rows[3][1]
     print(f"\n{'what':<52} {'seconds':>8} {'peak MB':>8} {'hand/this':>10} {'this/floor':>10}")
     for name, seconds, peak in rows:
         print(f"{name:<52} {seconds:>8.2f} {peak:>8.0f} {hand / seconds:>10.1f} {seconds / floor:>10.1f}")
