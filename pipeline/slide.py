@@ -521,6 +521,7 @@ class _Opened:
     properties: dict[str, str]
     mpp_xy: tuple[float | None, float | None]
     reader: _Reader | None = None
+    greyscale: bool = False
 
 
 def _check_path(path: Path) -> None:
@@ -574,6 +575,7 @@ def _open_any(path: Path) -> _Opened:
     handle.close()  # not needed any more: its properties are copied, tiles are ours to decode
     opened.reader = _SegmentReader(path, levels)
     opened.backend = "tiff-tiles"
+    opened.greyscale = levels[0].fmt.colour_samples == 1
     return opened
 
 
@@ -654,6 +656,8 @@ def _open_tifffile(path: Path, openslide_reason: str) -> _Opened:
             return _tifffile_opened(path, tif)
     except _Unsupported as exc:
         raise SlideError(f"{path}: cannot be read ({exc}); convert it to a tiled RGB TIFF or SVS") from exc
+    except SlideError:
+        raise  # already says what is wrong (e.g. truncated) and names the file
     except tifffile.TiffFileError as exc:
         if "not a TIFF" in str(exc):
             raise SlideError(
@@ -691,6 +695,7 @@ def _tifffile_opened(path: Path, tif: tifffile.TiffFile) -> _Opened:
         level_downsamples=downsamples,
         properties=_tiff_properties(first),
         mpp_xy=_tiff_tag_mpp(first),
+        greyscale=levels[0].fmt.colour_samples == 1,
     )
 
 
@@ -901,6 +906,10 @@ class Slide:
         Read-only metadata (OpenSlide's properties, or ``tiff.*`` tags).
     dimensions : (int, int)
         ``(width, height)`` of level 0.
+    greyscale : bool
+        The file stores one colour sample per pixel (read as grey RGB). Stain colour is what tells
+        white cells from red cells, so detection finds few or none on such scans. Always False for
+        files only OpenSlide decodes (it returns RGB whatever the file holds).
     """
 
     def __init__(self, path: Path, opened: _Opened, mpp: float, mpp_override: float | None) -> None:
@@ -913,6 +922,7 @@ class Slide:
         self.level_downsamples = opened.level_downsamples
         self.properties: Mapping[str, str] = MappingProxyType(opened.properties)
         self.dimensions = opened.level_dimensions[0]
+        self.greyscale = opened.greyscale
         self._mpp_override = mpp_override
         self._reader: _Reader | None = opened.reader
         self._failed = False

@@ -288,7 +288,20 @@ def test_greyscale_is_replicated(tmp_path: Path) -> None:
     tifffile.imwrite(path, grey, photometric="minisblack")
     with open_slide(path, mpp_override=1.0) as slide:
         assert slide.backend == "tifffile"
+        assert slide.greyscale
         np.testing.assert_array_equal(slide.read_region(0, 0, 0, 70, 50), np.repeat(grey[..., None], 3, 2))
+
+
+def test_greyscale_flag_follows_the_samples(tmp_path: Path, svs: Slide) -> None:
+    assert not svs.greyscale
+    tiled = tmp_path / "grey-tiled.tif"
+    tifffile.imwrite(tiled, np.full((64, 64), 200, np.uint8), photometric="minisblack", tile=(32, 32))
+    rgba = tmp_path / "rgba.tif"
+    four = np.full((20, 30, 4), 200, np.uint8)
+    tifffile.imwrite(rgba, four, photometric="rgb", extrasamples=["unassalpha"])
+    with open_slide(tiled, mpp_override=1.0) as grey, open_slide(rgba, mpp_override=1.0) as colour:
+        assert grey.backend == "tiff-tiles" and grey.greyscale
+        assert colour.backend == "tifffile" and not colour.greyscale
 
 
 @pytest.mark.parametrize(("top", "white"), [(4095, 4095), (65535, 65535), (3000, 4095)])
@@ -550,6 +563,16 @@ def test_bad_file_is_a_slide_error(tmp_path: Path, svs_path: Path, case: str) ->
     message = str(info.value)
     assert path.name in message
     assert "\n" not in message and len(message) < 250
+
+
+def test_truncated_message_names_the_file_once(tmp_path: Path, svs_path: Path) -> None:
+    path = tmp_path / "cut.svs"
+    truncated_copy(svs_path, path, 0.5)
+    with pytest.raises(SlideError) as info:
+        open_slide(path)
+    message = str(info.value)
+    assert message.count("cut.svs") == 1
+    assert "is truncated (image data runs to byte" in message and message.endswith("re-copy the file")
 
 
 @pytest.mark.parametrize("name", ["openslide-python_unopenable.tiff", "openslide-python_unreadable.svs"])
