@@ -3,8 +3,12 @@
 Slides run in driver threads that share one Dask client, so tile tasks of several slides interleave on
 the workers: a big slide does not hold up the batch and many small ones keep every worker busy. A slide
 that fails (a corrupt file, no MPP, ...) is recorded with its one-line reason and the others go on.
-``OUT/batch.json`` and ``OUT/batch.csv`` are rewritten (atomically) after every slide, and each slide
-logs to ``OUT/logs/<stem>.log``.
+``OUT/batch.json`` and ``OUT/batch.csv`` are rewritten (atomically) after every slide, each slide
+logs to ``OUT/logs/<stem>.log`` and the batch to ``OUT/batch.log``.
+
+The driver's memory is bounded by the slides in flight, not by the batch: a finished slide leaves only
+its row of the record behind (its tables live in its gallery), and workers keep at most a few slide
+handles with a capped cache of decoded tiles each (:mod:`pipeline.slide`).
 """
 
 from __future__ import annotations
@@ -16,22 +20,27 @@ import os
 import threading
 import time
 import traceback
+from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import zarr
 from tqdm import tqdm
 
+from .engine import compute_client, worker_count
 from .errors import ParameterError, PipelineError
-from .runner import RunParams, run_slide
+from .runner import RunParams, gallery_path, run_slide
 
 #: File endings taken as slides when a folder is given (OpenSlide's formats and TIFF).
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff"}
 )
 BATCH_FIELDS = ("slide", "status", "cells", "candidates", "seconds", "error")
+#: Most slides in flight at once: each holds a thumbnail and its tables on the driver.
+MAX_SLIDES_IN_FLIGHT = 8
 
 
 @dataclass(frozen=True)
@@ -104,7 +113,7 @@ class _Record:
             "cells": sum(r["cells"] for r in rows),
         }
         _atomic_write(self.out_dir / "batch.json", json.dumps({"summary": summary, "slides": rows}, indent=2))
-        tmp = self.out_dir / "batch.csv.partial"
+        tmp = self.out_dir / f"batch.csv.{os.getpid()}.partial"
         with open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=BATCH_FIELDS)
             writer.writeheader()
@@ -113,7 +122,7 @@ class _Record:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # two runs on one OUT must not share it
     tmp.write_text(text)
     os.replace(tmp, path)
 
@@ -125,6 +134,36 @@ def one_line(exc: BaseException) -> str:
     else:
         text = f"{type(exc).__name__}: {exc}"
     return " ".join(text.split())
+
+
+def slides_in_flight(workers: int) -> int:
+    """Slides to run at once on ``workers`` workers (0: in this process, one at a time).
+
+    Each slide has steps that use one worker or none (planning and QC pictures on the driver, the
+    stain estimate in one task), so with several slides in flight the others fill the workers
+    meanwhile; two are enough for a few workers, more for a big cluster.
+    """
+    if workers <= 0:
+        return 1
+    return max(2, min(MAX_SLIDES_IN_FLIGHT, workers // 2))
+
+
+def check_gallery_names(slides: list[Path], out_dir: str | Path) -> None:
+    """Refuse slides that would write the same gallery (the same stem in different folders).
+
+    Raises
+    ------
+    ParameterError
+        Naming the first two slides that collide.
+    """
+    names = Counter(gallery_path(s, out_dir).name for s in slides)
+    clashes = [name for name, count in names.items() if count > 1]
+    if clashes:
+        same = [str(s) for s in slides if gallery_path(s, out_dir).name == clashes[0]]
+        raise ParameterError(
+            f"{same[0]} and {same[1]} would both write {Path(out_dir) / clashes[0]}; "
+            "rename one or run them with different --out folders"
+        )
 
 
 def run_batch(
@@ -141,6 +180,10 @@ def run_batch(
 ) -> list[SlideOutcome]:
     """Run every slide, isolating failures; returns one outcome per slide (input order).
 
+    A slide whose gallery is complete is skipped (``status`` "skipped") unless ``overwrite``; an
+    unfinished one (a crash left a hidden ``.partial`` draft, or a gallery not marked complete) is
+    redone from scratch. A slide that fails is recorded with its one-line reason and the others go on.
+
     Parameters
     ----------
     slides
@@ -150,16 +193,36 @@ def run_batch(
     params, mpp, overwrite
         As for :func:`pipeline.runner.run_slide`.
     client, workers
-        A shared Dask client, or the number of local workers when ``client`` is None.
+        A shared Dask client; without one, a local cluster of ``workers`` processes is started for the
+        whole batch (0: everything in this process).
     progress
         A progress bar of slides done, with cells found; per-slide bars when there is one slide.
     concurrent_slides
-        Slides in flight at once (default: 2, or 1 without a cluster).
+        Slides in flight at once (default: :func:`slides_in_flight` of the cluster's workers).
+
+    Returns
+    -------
+    list of SlideOutcome
+
+    Raises
+    ------
+    ParameterError
+        If two slides would write the same gallery.
+    PipelineError
+        If the output folder cannot be written.
     """
     out = Path(out_dir)
+    check_gallery_names(slides, out)
+    if client is None and workers > 0:
+        # One cluster for all slides: starting workers costs seconds, and slides share them.
+        with compute_client(workers, preload=("pipeline.runner",)) as own:
+            return run_batch(
+                slides, out, params=params, mpp=mpp, client=own, workers=workers, overwrite=overwrite,
+                progress=progress, concurrent_slides=concurrent_slides,
+            )  # fmt: skip
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
+        probe = out / f".write-test-{os.getpid()}-{threading.get_ident()}"  # concurrent runs: own name
         probe.write_text("")
         probe.unlink()
     except OSError as exc:
@@ -168,48 +231,106 @@ def run_batch(
         ) from exc
     (out / "logs").mkdir(exist_ok=True)
     record = _Record(out, slides)
+    n_workers = worker_count(client)
     if concurrent_slides is None:
-        concurrent_slides = 1 if client is None and workers == 0 else 2
+        concurrent_slides = slides_in_flight(n_workers)
+    concurrent_slides = max(1, min(concurrent_slides, len(slides)))
     single = len(slides) == 1
+    # Beside batch.json, not in logs/: a slide named batch.svs has its own logs/batch.log.
+    batch_log = _Log(out / "batch.log")
+    where = "in-process" if client is None else f"{n_workers} workers at {client.scheduler.address}"
+    batch_log.say(f"batch of {len(slides)} slides, {concurrent_slides} at once, {where}")
 
     def one(slide: Path) -> SlideOutcome:
-        log_path = out / "logs" / f"{slide.stem}.log"
         started = time.perf_counter()
-        with open(log_path, "a") as log:
-
-            def say(message: str) -> None:
-                log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-                log.flush()
-
-            say(f"start {slide}")
+        with _Log(out / "logs" / f"{slide.stem}.log") as log:
+            log.say(f"start {slide}")
             try:
                 result = run_slide(
                     slide, out, params=params, mpp=mpp, workers=workers, client=client,
-                    overwrite=overwrite, progress=progress and single, log=say,
+                    overwrite=overwrite, progress=progress and single, log=log.say,
                 )  # fmt: skip
                 outcome = SlideOutcome(
                     str(slide), result.status, result.cells, result.candidates, round(result.seconds, 2), ""
                 )
+                if result.status == "done":
+                    log.say(f"stage timings (s): {_timings(result.gallery)}")
             except Exception as exc:  # a failed slide must not stop the batch
-                say("failed: " + one_line(exc))
+                log.say("failed: " + one_line(exc))
                 log.write(traceback.format_exc())
                 outcome = SlideOutcome(
                     str(slide), "failed", 0, 0, round(time.perf_counter() - started, 2), one_line(exc)
                 )
-            say(f"end {outcome.status}")
+            log.say(f"end {outcome.status}")
         record.set(outcome)
+        batch_log.say(
+            f"{outcome.status} {slide}: {outcome.cells} cells, {outcome.seconds:.1f} s"
+            + (f", {outcome.error}" if outcome.error else "")
+        )
         return outcome
 
     outcomes: dict[str, SlideOutcome] = {}
+    failed = cells = 0
     bar = tqdm(total=len(slides), desc="slides", unit="slide", disable=not progress or single)
-    cells = 0
-    with ThreadPoolExecutor(max_workers=max(1, concurrent_slides)) as pool:
-        futures = {pool.submit(one, slide): slide for slide in slides}
-        for future in as_completed(futures):
-            outcome = future.result()
+    pool = ThreadPoolExecutor(max_workers=concurrent_slides, thread_name_prefix="slide")
+    try:
+        if concurrent_slides == 1:
+            # In this thread, so Ctrl-C stops the slide where it is: a pool thread cannot be
+            # interrupted and would run on to the end (without workers, nothing else stops it).
+            finished: Iterable[SlideOutcome] = map(one, slides)
+        else:
+            finished = (f.result() for f in as_completed([pool.submit(one, slide) for slide in slides]))
+        for outcome in finished:
             outcomes[outcome.slide] = outcome
             cells += outcome.cells
-            bar.set_postfix(cells=cells, failed=sum(o.status == "failed" for o in outcomes.values()))
+            failed += outcome.status == "failed"
+            bar.set_postfix(cells=cells, failed=failed)
             bar.update(1)
-    bar.close()
+    except BaseException as exc:
+        # Ctrl-C: do not start the slides still queued; the running ones stop when the client closes.
+        pool.shutdown(wait=False, cancel_futures=True)
+        batch_log.say("interrupted" if isinstance(exc, KeyboardInterrupt) else "stopped: " + one_line(exc))
+        batch_log.close()
+        raise
+    finally:
+        bar.close()
+    pool.shutdown()
+    batch_log.say(f"end: {len(slides) - failed} of {len(slides)} slides done or skipped, {failed} failed")
+    batch_log.close()
     return [outcomes[str(s)] for s in slides]
+
+
+class _Log:
+    """A per-slide (or batch) log file with timestamped lines, appended to across runs."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "a")
+        self._lock = threading.Lock()
+
+    def say(self, message: str) -> None:
+        self.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def write(self, text: str) -> None:
+        with self._lock:
+            # A slide thread still running after an interrupt may log after the batch log closed.
+            if not self._fh.closed:
+                self._fh.write(text)
+                self._fh.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+    def __enter__(self) -> _Log:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _timings(gallery: Path) -> str:
+    try:
+        timings = zarr.open_group(gallery, mode="r").attrs.get("timings_s", {})
+    except Exception as exc:  # only a log line: never fail a finished slide over it
+        return f"unavailable ({type(exc).__name__})"
+    return ", ".join(f"{k} {v}" for k, v in dict(timings).items())

@@ -1,0 +1,86 @@
+"""The engine's map: order, retries of transient errors, no retries of the pipeline's own errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine import ordered_map, scheduler_workers, worker_count
+from pipeline.errors import SlideError
+
+
+def _count_call(path: Path) -> int:
+    with open(path, "a") as fh:
+        fh.write("x")
+    return len(path.read_text())
+
+
+def _corrupt_tile(item: int, calls: Path) -> int:
+    _count_call(calls)
+    raise SlideError(f"slide.svs: tile {item} of level 0 cannot be decoded; re-copy the file")
+
+
+def _flaky(item: int, calls: Path) -> int:
+    if _count_call(calls) == 1:
+        raise OSError("stale NFS file handle")  # transient: the retry succeeds
+    return item * 10
+
+
+def _square(item: int, offset: int) -> int:
+    return item * item + offset
+
+
+@pytest.fixture(scope="module")
+def client():
+    distributed = pytest.importorskip("distributed")
+    with distributed.Client(processes=False, n_workers=2, threads_per_worker=1, dashboard_address=":0") as c:
+        yield c
+
+
+def test_results_come_back_in_order(client):
+    assert list(ordered_map(client, _square, range(20), 1, window=3)) == [i * i + 1 for i in range(20)]
+    assert list(ordered_map(None, _square, range(5), 1)) == [i * i + 1 for i in range(5)]
+
+
+def test_the_pipelines_own_errors_are_raised_once_not_retried(client, tmp_path):
+    calls = tmp_path / "calls"
+    with pytest.raises(SlideError, match="tile 7 of level 0"):
+        list(ordered_map(client, _corrupt_tile, [7], calls))
+    assert calls.read_text() == "x"
+
+
+def test_transient_errors_are_retried(client, tmp_path):
+    calls = tmp_path / "calls"
+    assert list(ordered_map(client, _flaky, [4], calls)) == [40]
+    assert calls.read_text() == "xx"
+
+
+def test_every_worker_is_counted(client):
+    assert len(scheduler_workers(client)) == 2
+    assert worker_count(client) == 2
+    assert worker_count(None) == 0
+
+
+class _QueueThatNeverStarts:
+    """A client whose SLURM jobs never start a worker."""
+
+    def __init__(self) -> None:
+        self.waited_s = 0.0
+
+    def wait_for_workers(self, n: int, timeout: float) -> None:
+        self.waited_s += timeout
+        raise TimeoutError
+
+
+def test_waiting_for_slurm_jobs_gives_up_with_a_clear_error(monkeypatch):
+    from pipeline import engine
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(engine, "SLURM_NOTICE_S", 600.0)
+    said: list[str] = []
+    client = _QueueThatNeverStarts()
+    with pytest.raises(PipelineError, match=r"no SLURM job started a worker within 25 min.*squeue"):
+        engine._wait_for_slurm_jobs(client, said.append, timeout_s=1500.0)
+    assert client.waited_s == 1500.0
+    assert len(said) == 2 and "squeue --me" in said[0]
