@@ -4,11 +4,18 @@ Matching is one-to-one: candidate-truth pairs closer than the match radius (the 
 ``min_radius_um`` and the truth cell's radius) are taken in order of distance, each candidate and each
 truth cell at most once. A candidate left over that lies within the radius of an already matched truth
 cell is a *duplicate*; any other leftover is a *false* detection.
+
+Recall is counted over truth cells (overall, per class, per smear zone); precision over detections
+(overall and per zone: the zone a detection lies in, from the simulated scene when its ``truth.json``
+is at hand, else the zone of the nearest truth cell). Detections have no class, so there is no precision
+per class.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,10 +24,12 @@ import numpy as np
 import pandas as pd
 from scipy.spatial import cKDTree
 
-from .errors import ParameterError
+from .errors import ParameterError, PipelineError
 from .gallery import open_gallery
 
 MIN_MATCH_RADIUS_UM = 6.0
+#: Zones of a wedge smear from the drop of blood to the tip (the simulator's names), for ordering tables.
+ZONE_ORDER = ("thick", "monolayer", "feathered", "glass")
 
 
 @dataclass(frozen=True)
@@ -74,10 +83,145 @@ def _rate(numerator: int, denominator: int) -> float | None:
     return None if denominator == 0 else numerator / denominator
 
 
+def _ordered(names: Any) -> list[str]:
+    """Zone or class names: the simulator's zone order first, then the rest alphabetically."""
+    present = {str(name) for name in names}
+    known = [zone for zone in ZONE_ORDER if zone in present]
+    return known + sorted(present - set(known))
+
+
+def scene_zones(truth_json: str | Path) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """The simulated smear's zone map, rebuilt from a ``*.truth.json`` sidecar.
+
+    Parameters
+    ----------
+    truth_json
+        The sidecar ``simulate`` writes beside the slide.
+
+    Returns
+    -------
+    callable or None
+        ``zone(x_um, y_um) -> array of zone names``; ``None`` when the file is missing or was not written
+        by this simulator (then detections take the zone of the nearest truth cell).
+    """
+    path = Path(truth_json)
+    if not path.is_file():
+        return None
+    try:
+        from .simulate.presets import BloodPreset
+        from .simulate.scene import Scene, SceneSpec
+
+        meta = json.loads(path.read_text())
+        spec = SceneSpec(
+            int(meta["width_px"]),
+            int(meta["height_px"]),
+            float(meta["mpp"]),
+            int(meta["seed"]),
+            BloodPreset(**meta["preset"]),
+            str(meta["placement"]),
+        )
+        scene = Scene(spec)
+    except (KeyError, TypeError, ValueError, PipelineError):
+        return None
+    return scene.zone
+
+
+def detection_zones(
+    x_um: np.ndarray,
+    y_um: np.ndarray,
+    truth: pd.DataFrame,
+    zone_map: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Zone of each detection: from the scene's zone map, else that of the nearest truth cell.
+
+    Parameters
+    ----------
+    x_um, y_um
+        Detection centres, um.
+    truth
+        The truth table (``x_um``, ``y_um``, ``zone``).
+    zone_map
+        :func:`scene_zones` of the slide, if known.
+
+    Returns
+    -------
+    ndarray of str
+    """
+    x = np.asarray(x_um, dtype=float)
+    y = np.asarray(y_um, dtype=float)
+    if zone_map is not None:
+        return np.asarray(zone_map(x, y)).astype(str)
+    if len(x) == 0 or len(truth) == 0:
+        return np.full(len(x), "unknown", dtype=object).astype(str)
+    _, nearest = cKDTree(truth[["x_um", "y_um"]].to_numpy(float)).query(np.column_stack([x, y]))
+    return truth["zone"].to_numpy().astype(str)[nearest]
+
+
+def _section(
+    table: pd.DataFrame, truth: pd.DataFrame, mpp: float, zone_map: Callable[..., np.ndarray] | None
+) -> dict[str, Any]:
+    det_x = table["x_px"].to_numpy(float) * mpp
+    det_y = table["y_px"].to_numpy(float) * mpp
+    tx, ty = truth["x_um"].to_numpy(float), truth["y_um"].to_numpy(float)
+    m = match(det_x, det_y, tx, ty, truth["diameter_um"].to_numpy(float) / 2)
+    found = m.detection_of_truth >= 0
+    true_det = m.truth_of_detection >= 0
+    false_det = ~true_det & ~m.duplicate
+    errors = m.distance_um[true_det]
+    truth_class = truth["cell_class"].to_numpy().astype(str)
+    truth_zone = truth["zone"].to_numpy().astype(str)
+    det_zone = detection_zones(det_x, det_y, truth, zone_map)
+    by_class = {
+        c: {
+            "truth": int((truth_class == c).sum()),
+            "found": int(found[truth_class == c].sum()),
+            "recall": _rate(int(found[truth_class == c].sum()), int((truth_class == c).sum())),
+        }
+        for c in sorted(set(truth_class))
+    }
+    by_zone = {}
+    for z in _ordered(set(truth_zone) | set(det_zone)):
+        in_truth, in_det = truth_zone == z, det_zone == z
+        by_zone[z] = {
+            "truth": int(in_truth.sum()),
+            "found": int(found[in_truth].sum()),
+            "recall": _rate(int(found[in_truth].sum()), int(in_truth.sum())),
+            "detections": int(in_det.sum()),
+            "matched": int(true_det[in_det].sum()),
+            "duplicates": int(m.duplicate[in_det].sum()),
+            "false": int(false_det[in_det].sum()),
+            "precision": _rate(int(true_det[in_det].sum()), int(in_det.sum())),
+        }
+    return {
+        "detections": len(table),
+        "matched": int(true_det.sum()),
+        "recall": _rate(int(found.sum()), len(truth)),
+        "precision": _rate(int(true_det.sum()), len(table)),
+        "duplicates": int(m.duplicate.sum()),
+        "false": int(false_det.sum()),
+        "centring_error_um": {
+            "median": float(np.median(errors)) if errors.size else None,
+            "p95": float(np.percentile(errors, 95)) if errors.size else None,
+        },
+        "recall_by_class": {c: v["recall"] for c, v in by_class.items()},
+        "recall_by_zone": {z: v["recall"] for z, v in by_zone.items() if v["truth"]},
+        "precision_by_zone": {z: v["precision"] for z, v in by_zone.items() if v["detections"]},
+        "by_class": by_class,
+        "by_zone": by_zone,
+    }
+
+
 def evaluate_tables(
-    candidates: pd.DataFrame, cells: pd.DataFrame, truth: pd.DataFrame, mpp: float
+    candidates: pd.DataFrame,
+    cells: pd.DataFrame,
+    truth: pd.DataFrame,
+    mpp: float,
+    zone_map: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Recall and precision of candidates and accepted cells against truth, by class and by zone.
+
+    Detections carry no class, so precision is reported overall and per zone (the zone a detection
+    lies in); recall is reported overall, per class and per zone (of the truth cells).
 
     Parameters
     ----------
@@ -87,53 +231,130 @@ def evaluate_tables(
         The simulator's truth table.
     mpp
         Level-0 pixel size of the slide, um/px.
+    zone_map
+        Zone of any point (:func:`scene_zones`); without it a detection takes the zone of the nearest
+        truth cell.
+
+    Returns
+    -------
+    dict
+        ``truth_cells``, ``truth_by_class``, ``truth_by_zone``, ``zone_source`` and, for ``candidates``
+        and ``accepted``: ``detections``, ``matched``, ``recall``, ``precision``, ``duplicates``,
+        ``false``, ``centring_error_um`` (``median``, ``p95``), ``recall_by_class``, ``recall_by_zone``,
+        ``precision_by_zone``, and the counts behind them in ``by_class`` and ``by_zone``. Rates are
+        ``None`` where their denominator is 0.
+
+    Raises
+    ------
+    ParameterError
+        If the truth table lacks the simulator's columns.
     """
     if not {"x_um", "y_um", "diameter_um", "cell_class", "zone"} <= set(truth.columns):
         raise ParameterError(
             "the truth table lacks simulator columns (x_um, y_um, diameter_um, cell_class, zone)"
         )
-    tx, ty = truth["x_um"].to_numpy(float), truth["y_um"].to_numpy(float)
-    tr = truth["diameter_um"].to_numpy(float) / 2
-    report: dict[str, Any] = {"truth_cells": len(truth)}
+    truth_class = truth["cell_class"].astype(str)
+    truth_zone = truth["zone"].astype(str)
+    report: dict[str, Any] = {
+        "truth_cells": len(truth),
+        "truth_by_class": {c: int((truth_class == c).sum()) for c in sorted(set(truth_class))},
+        "truth_by_zone": {z: int((truth_zone == z).sum()) for z in _ordered(set(truth_zone))},
+        "zone_source": "scene" if zone_map is not None else "nearest truth cell",
+    }
     for name, table in (("candidates", candidates), ("accepted", cells)):
-        m = match(table["x_px"].to_numpy(float) * mpp, table["y_px"].to_numpy(float) * mpp, tx, ty, tr)
-        found = m.detection_of_truth >= 0
-        true_pos = int((m.truth_of_detection >= 0).sum())
-        errors = m.distance_um[m.truth_of_detection >= 0]
-        section: dict[str, Any] = {
-            "detections": len(table),
-            "matched": true_pos,
-            "recall": _rate(int(found.sum()), len(truth)),
-            "precision": _rate(true_pos, len(table)),
-            "duplicates": int(m.duplicate.sum()),
-            "false": int(((m.truth_of_detection < 0) & ~m.duplicate).sum()),
-            "centring_error_um": {
-                "median": float(np.median(errors)) if errors.size else None,
-                "p95": float(np.percentile(errors, 95)) if errors.size else None,
-            },
-            "recall_by_class": {
-                str(c): _rate(
-                    int(found[truth["cell_class"].to_numpy() == c].sum()),
-                    int((truth["cell_class"] == c).sum()),
-                )
-                for c in sorted(truth["cell_class"].unique())
-            },
-            "recall_by_zone": {
-                str(z): _rate(
-                    int(found[truth["zone"].to_numpy() == z].sum()), int((truth["zone"] == z).sum())
-                )
-                for z in sorted(truth["zone"].unique())
-            },
-        }
-        report[name] = section
+        report[name] = _section(table, truth, mpp, zone_map)
     return report
 
 
+def truth_json_for(truth_csv: str | Path) -> Path:
+    """The ``*.truth.json`` sidecar next to a ``*.truth.csv``."""
+    path = Path(truth_csv)
+    return path.with_suffix(".json")
+
+
 def evaluate_gallery(gallery_path: str | Path, truth_path: str | Path) -> dict[str, Any]:
-    """Evaluate a gallery against a ``*.truth.csv`` written by ``python -m pipeline simulate``."""
+    """Evaluate a gallery against a ``*.truth.csv`` written by ``python -m pipeline simulate``.
+
+    Parameters
+    ----------
+    gallery_path
+        ``OUT/<stem>.zarr`` written by ``run``.
+    truth_path
+        ``<stem>.truth.csv``; the ``<stem>.truth.json`` beside it, when present, gives the zone map.
+
+    Returns
+    -------
+    dict
+        See :func:`evaluate_tables`; also ``gallery`` and ``truth`` (the paths).
+
+    Raises
+    ------
+    ParameterError
+        If the truth file is missing or not the simulator's.
+    GalleryError
+        If the gallery cannot be read.
+    """
     gallery = open_gallery(gallery_path)
     truth_file = Path(truth_path)
     if not truth_file.is_file():
         raise ParameterError(f"truth file {truth_file} not found; simulate writes it beside the slide")
     truth = pd.read_csv(truth_file)
-    return evaluate_tables(gallery.candidates, gallery.cells, truth, float(gallery.attrs["slide"]["mpp"]))
+    report = evaluate_tables(
+        gallery.candidates,
+        gallery.cells,
+        truth,
+        float(gallery.attrs["slide"]["mpp"]),
+        scene_zones(truth_json_for(truth_file)),
+    )
+    return {"gallery": str(gallery_path), "truth": str(truth_file), **report}
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The evaluation report as tables for the terminal.
+
+    Parameters
+    ----------
+    report
+        As returned by :func:`evaluate_gallery` or :func:`evaluate_tables`.
+
+    Returns
+    -------
+    str
+        A summary table (found, recall, precision, duplicates, false detections, centring error), then
+        recall and precision by zone and recall by class, for candidates and accepted cells.
+    """
+    cand, acc = report["candidates"], report["accepted"]
+    lines = [
+        f"truth cells: {report['truth_cells']} (detection zones from the {report['zone_source']})",
+        f"{'':<11}{'found':>7}{'recall':>8}{'precision':>10}{'dupl.':>7}{'false':>7}"
+        f"{'centre med/p95 um':>19}",
+    ]
+    for name, r in (("candidates", cand), ("accepted", acc)):
+        err = r["centring_error_um"]
+        centring = f"{err['median']:.2f} / {err['p95']:.2f}" if err["median"] is not None else "-"
+        lines.append(
+            f"{name:<11}{r['matched']:>7}{_pct(r['recall']):>8}{_pct(r['precision']):>10}"
+            f"{r['duplicates']:>7}{r['false']:>7}{centring:>19}"
+        )
+    lines += [
+        "",
+        f"{'zone':<11}{'truth':>7}{'cand. recall':>14}{'acc. recall':>13}"
+        f"{'cand. n':>9}{'cand. prec.':>13}{'acc. n':>8}{'acc. prec.':>12}",
+    ]
+    for zone in _ordered(set(cand["by_zone"]) | set(acc["by_zone"])):
+        c, a = cand["by_zone"].get(zone, {}), acc["by_zone"].get(zone, {})
+        lines.append(
+            f"{zone:<11}{c.get('truth', 0):>7}{_pct(c.get('recall')):>14}{_pct(a.get('recall')):>13}"
+            f"{c.get('detections', 0):>9}{_pct(c.get('precision')):>13}"
+            f"{a.get('detections', 0):>8}{_pct(a.get('precision')):>12}"
+        )
+    width = max([len("class"), *(len(c) for c in cand["by_class"])]) + 2
+    lines += ["", f"{'class':<{width}}{'truth':>7}{'cand. recall':>14}{'acc. recall':>13}"]
+    for cls, c in cand["by_class"].items():
+        a = acc["by_class"].get(cls, {})
+        lines.append(f"{cls:<{width}}{c['truth']:>7}{_pct(c['recall']):>14}{_pct(a.get('recall')):>13}")
+    return "\n".join(lines)

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 
-from pipeline.evaluate import match
+from pipeline.evaluate import evaluate_gallery, evaluate_tables, format_report, match, scene_zones
 
 
 def test_match_is_one_to_one_closest_first_and_counts_duplicates():
@@ -31,25 +35,163 @@ def test_match_radius_follows_cell_size():
     assert m.truth_of_detection[0] == -1
 
 
-def test_evaluate_command_agrees_with_an_independent_count(small_slide, tmp_path):
-    from pipeline.gallery import open_gallery
+# ----------------------------------------------------------------------------------------------------
+# An independent recomputation on a slide with every zone of a smear
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def across_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 1 x 0.6 mm mll23 slide across thick zone, monolayer and feathered edge, and its gallery."""
     from pipeline.runner import run_slide
+    from pipeline.simulate import simulate_slide
 
-    result = run_slide(small_slide.slide_path, tmp_path, workers=0, progress=False)
-    command = [sys.executable, "-m", "pipeline", "evaluate", str(result.gallery), str(small_slide.truth_path)]
-    proc = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True)
-    report = json.loads(proc.stdout)
-    # independent: brute-force nearest truth cell for every accepted cell
-    import pandas as pd
-
-    truth = pd.read_csv(small_slide.truth_path)
-    cells = open_gallery(result.gallery).cells
-    d = np.hypot(
-        cells["x_um"].to_numpy()[:, None] - truth["x_um"].to_numpy()[None, :],
-        cells["y_um"].to_numpy()[:, None] - truth["y_um"].to_numpy()[None, :],
+    folder = tmp_path_factory.mktemp("across")
+    sim = simulate_slide(
+        folder / "across.svs",
+        width_mm=1.0,
+        height_mm=0.6,
+        seed=7,
+        preset="mll23",
+        placement="across",
+        workers=0,
+        progress=False,
     )
-    limit = np.maximum(truth["diameter_um"].to_numpy() / 2, 6.0)[None, :]
-    hits = (d <= limit).any(axis=1)
-    assert report["accepted"]["detections"] == len(cells)
-    assert report["accepted"]["matched"] + report["accepted"]["duplicates"] == int(hits.sum())
-    assert report["truth_cells"] == len(truth)
+    result = run_slide(sim.slide_path, folder / "out", workers=0, progress=False)
+    return result.gallery, sim.truth_path
+
+
+def _greedy_matching(det_xy: np.ndarray, truth: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Brute force: repeatedly take the closest remaining detection-truth pair within the truth radius."""
+    truth_xy = truth[["x_um", "y_um"]].to_numpy(float)
+    radius = np.maximum(truth["diameter_um"].to_numpy(float) / 2, 6.0)
+    d = np.sqrt(((det_xy[:, None, :] - truth_xy[None, :, :]) ** 2).sum(axis=2))
+    eligible = d <= radius[None, :]
+    free = np.where(eligible, d, np.inf)
+    truth_of = np.full(len(det_xy), -1)
+    while free.size and np.isfinite(free.min()):
+        i, j = np.unravel_index(np.argmin(free), free.shape)
+        truth_of[i] = j
+        free[i, :] = np.inf
+        free[:, j] = np.inf
+    matched_truth = np.zeros(len(truth), dtype=bool)
+    matched_truth[truth_of[truth_of >= 0]] = True
+    duplicate = (truth_of < 0) & (eligible & matched_truth[None, :]).any(axis=1)
+    distance = np.array([d[i, j] if j >= 0 else np.nan for i, j in enumerate(truth_of)])
+    return truth_of, duplicate, distance
+
+
+def _scene_zone(truth_path: Path):
+    """The smear's zone map, built here from the sidecar with the simulator's classes."""
+    from pipeline.simulate.presets import get_preset
+    from pipeline.simulate.scene import Scene, SceneSpec
+
+    meta = json.loads(truth_path.with_suffix(".json").read_text())
+    spec = SceneSpec(
+        meta["width_px"], meta["height_px"], meta["mpp"], meta["seed"],
+        get_preset(meta["preset"]["name"]), meta["placement"],
+    )  # fmt: skip
+    return Scene(spec).zone
+
+
+def test_evaluate_agrees_with_an_independent_computation(across_run):
+    from pipeline.gallery import open_gallery
+
+    gallery_path, truth_path = across_run
+    report = evaluate_gallery(gallery_path, truth_path)
+    gallery = open_gallery(gallery_path)
+    truth = pd.read_csv(truth_path)
+    mpp = gallery.attrs["slide"]["mpp"]
+    zone_of = _scene_zone(truth_path)
+    assert len(set(truth["zone"])) >= 3  # the slide does exercise the per-zone split
+    assert report["zone_source"] == "scene" and report["truth_cells"] == len(truth)
+    for name, table in (("candidates", gallery.candidates), ("accepted", gallery.cells)):
+        section = report[name]
+        det_xy = table[["x_px", "y_px"]].to_numpy(float) * mpp
+        truth_of, duplicate, distance = _greedy_matching(det_xy, truth)
+        true_det = truth_of >= 0
+        found = np.isin(np.arange(len(truth)), truth_of[true_det])
+        assert section["detections"] == len(table)
+        assert section["matched"] == int(true_det.sum())
+        assert section["duplicates"] == int(duplicate.sum())
+        assert section["false"] == int((~true_det & ~duplicate).sum())
+        assert section["recall"] == pytest.approx(found.mean())
+        assert section["precision"] == pytest.approx(true_det.mean())
+        errors = distance[true_det]
+        assert section["centring_error_um"]["median"] == pytest.approx(np.median(errors))
+        assert section["centring_error_um"]["p95"] == pytest.approx(np.percentile(errors, 95))
+        for cls, group in truth.groupby("cell_class"):
+            assert section["recall_by_class"][cls] == pytest.approx(found[group.index].mean()), cls
+            assert section["by_class"][cls]["truth"] == len(group)
+        det_zone = np.asarray(zone_of(det_xy[:, 0], det_xy[:, 1]))
+        for zone, group in truth.groupby("zone"):
+            assert section["recall_by_zone"][zone] == pytest.approx(found[group.index].mean()), zone
+        for zone in set(det_zone):
+            here = det_zone == zone
+            assert section["precision_by_zone"][zone] == pytest.approx(true_det[here].mean()), zone
+            assert section["by_zone"][zone]["detections"] == int(here.sum())
+            assert section["by_zone"][zone]["duplicates"] == int(duplicate[here].sum())
+    # the slide makes the numbers informative: the thick zone is where candidates are false
+    assert report["candidates"]["false"] > 0 and report["candidates"]["precision"] < 1
+    assert report["accepted"]["precision"] > report["candidates"]["precision"]
+
+
+def test_zone_map_from_the_sidecar_reproduces_the_truth_zones(across_run):
+    _, truth_path = across_run
+    truth = pd.read_csv(truth_path)
+    zone = scene_zones(truth_path.with_suffix(".json"))
+    assert zone is not None
+    assert list(zone(truth["x_um"].to_numpy(), truth["y_um"].to_numpy())) == truth["zone"].tolist()
+    assert scene_zones(truth_path.with_name("missing.truth.json")) is None
+
+
+def test_without_the_sidecar_detections_take_the_nearest_truth_zone(across_run, tmp_path):
+    gallery_path, truth_path = across_run
+    alone = tmp_path / "copy.truth.csv"
+    shutil.copy(truth_path, alone)
+    report = evaluate_gallery(gallery_path, alone)
+    assert report["zone_source"] == "nearest truth cell"
+    with_scene = evaluate_gallery(gallery_path, truth_path)
+    # recall does not depend on where detections lie; the counts of detections per zone still add up
+    assert report["candidates"]["recall_by_zone"] == with_scene["candidates"]["recall_by_zone"]
+    by_zone = report["candidates"]["by_zone"]
+    assert sum(v["detections"] for v in by_zone.values()) == report["candidates"]["detections"]
+
+
+def test_terminal_table_lists_every_class_and_zone(across_run, capsys):
+    from pipeline.cli import main
+
+    gallery_path, truth_path = across_run
+    assert main(["evaluate", str(gallery_path), str(truth_path)]) == 0
+    printed = capsys.readouterr().out
+    report = evaluate_gallery(gallery_path, truth_path)
+    assert printed.strip() == format_report(report)
+    lines = printed.splitlines()
+    for cls, n in report["truth_by_class"].items():
+        row = next(line for line in lines if line.startswith(cls + " "))
+        assert row.split()[1] == str(n)
+    for zone in report["truth_by_zone"]:
+        assert any(line.startswith(zone + " ") for line in lines), zone
+    accepted = next(line for line in lines if line.startswith("accepted "))
+    assert f"{100 * report['accepted']['recall']:.1f}%" in accepted
+    # the JSON goes through a real process: it must be plain JSON on stdout, nothing else
+    command = [sys.executable, "-m", "pipeline", "evaluate", str(gallery_path), str(truth_path), "--json"]
+    proc = subprocess.run(command, capture_output=True, text=True, check=True)
+    assert json.loads(proc.stdout) == json.loads(json.dumps(report))
+
+
+def test_empty_detections_give_no_rates_but_no_error():
+    truth = pd.DataFrame(
+        {
+            "x_um": [10.0],
+            "y_um": [10.0],
+            "diameter_um": [12.0],
+            "cell_class": ["monocyte"],
+            "zone": ["monolayer"],
+        }
+    )
+    empty = pd.DataFrame({"x_px": [], "y_px": []})
+    report = evaluate_tables(empty, empty, truth, 0.25)
+    assert report["accepted"]["recall"] == 0.0 and report["accepted"]["precision"] is None
+    assert report["accepted"]["centring_error_um"] == {"median": None, "p95": None}
+    assert "monocyte" in format_report(report)
