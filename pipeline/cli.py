@@ -7,18 +7,25 @@ exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
 from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from .engine import SlurmOptions
 
 EXIT_FAILED = 1
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    from .simulate.presets import PRESETS
-    from .simulate.scene import PLACEMENTS
+    from .simulate.presets import PLACEMENTS, PRESETS
 
     p = sub.add_parser(
         "simulate",
@@ -85,12 +92,19 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _add_run(sub: argparse._SubParsersAction) -> None:
+    from .crop_presets import CROP_PRESETS, DEFAULT_PRESET
+
+    default = CROP_PRESETS[DEFAULT_PRESET]
     p = sub.add_parser(
         "run",
         help="detect white cells on slides and write single-cell galleries (zarr)",
         description="Metafer-style detection: a ~1 um/px overview, optical density against the local glass "
-        "white, an adaptive threshold, objects of 40-800 um^2, a quality filter, then a 25 x 25 um crop "
-        "(288 x 288 px) of every accepted cell at full resolution, into OUT/<slide stem>.zarr.",
+        "white, an adaptive threshold, objects of 40-800 um^2 (by default), a quality filter, then a square "
+        "crop of every accepted cell at full resolution, into OUT/<slide stem>.zarr. Crops have the "
+        f"{DEFAULT_PRESET} geometry ({default.crop_um:g} um, {default.crop_px} px) unless --preset picks "
+        "another public gallery's or --crop-um/--crop-px set one.",
+        epilog="crop presets (--preset): "
+        + "; ".join(f"{name}: {preset.description}" for name, preset in sorted(CROP_PRESETS.items())),
     )
     p.add_argument(
         "slides",
@@ -102,10 +116,21 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         "--mpp", type=float, default=None, help="level-0 pixel size in um/px, overriding the metadata"
     )
     p.add_argument(
-        "--workers", type=int, default=None, help="local Dask worker processes (default: cores, max 8)"
+        "--workers",
+        type=int,
+        default=None,
+        help="local Dask worker processes (default: cores, max 8; 0: everything in this process); "
+        "ignored with --scheduler or --cluster slurm",
     )
-    p.add_argument("--crop-um", type=float, default=25.0, help="crop side in um (default 25, MLL23)")
-    p.add_argument("--crop-px", type=int, default=288, help="crop side in px (default 288, MLL23)")
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=sorted(CROP_PRESETS),
+        help=f"crop geometry of a public gallery (default {DEFAULT_PRESET}; see the list below); "
+        "--crop-um/--crop-px override it",
+    )
+    p.add_argument("--crop-um", type=float, default=None, help="crop side in um (default: the preset's)")
+    p.add_argument("--crop-px", type=int, default=None, help="crop side in px (default: the preset's)")
     p.add_argument("--min-area-um2", type=float, default=40.0, help="smallest object kept, um^2 (default 40)")
     p.add_argument(
         "--max-area-um2", type=float, default=800.0, help="largest object kept, um^2 (default 800)"
@@ -117,6 +142,31 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="join an existing Dask cluster: tcp://HOST:PORT or a scheduler file (default: a local one)",
     )
+    p.add_argument(
+        "--cluster",
+        choices=("local", "slurm"),
+        default="local",
+        help="where workers run when no --scheduler is given: local processes (default) or SLURM jobs",
+    )
+    p.add_argument(
+        "--slides-at-once",
+        type=int,
+        default=None,
+        help="slides in flight at once (default: half the cluster's workers, at least 2 and at most 8; "
+        "1 with --workers 0; never more than the slides given)",
+    )
+    slurm = p.add_argument_group(
+        "SLURM (--cluster slurm; needs dask-jobqueue; unset options come from dask's config jobqueue.slurm.*)"
+    )
+    slurm.add_argument("--jobs", type=int, default=None, help="SLURM jobs running workers (default 1)")
+    slurm.add_argument("--cores", type=int, default=None, help="cores per job, one worker process each")
+    slurm.add_argument("--memory", default=None, help="memory per job, e.g. 16GB (shared by its workers)")
+    slurm.add_argument("--walltime", default=None, help="time limit per job, e.g. 04:00:00")
+    slurm.add_argument("--queue", default=None, help="partition (sbatch -p)")
+    slurm.add_argument("--account", default=None, help="account charged (sbatch -A)")
+    slurm.add_argument(
+        "--local-directory", default=None, help="node-local scratch for the workers, e.g. /scratch/$USER"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_run)
 
@@ -124,22 +174,36 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .batch import expand_slides, run_batch
+    from .batch import check_gallery_names, expand_slides, run_batch
+    from .crop_presets import resolve_crop
     from .engine import compute_client, default_workers
+    from .errors import ParameterError
     from .relocate import CropParams
     from .runner import RunParams
 
+    crop_um, crop_px = resolve_crop(args.preset, args.crop_um, args.crop_px)
     base = RunParams()
     params = replace(
         base,
         tile_px=args.tile_px,
-        crop=CropParams(crop_um=args.crop_um, crop_px=args.crop_px),
+        crop=CropParams(crop_um=crop_um, crop_px=crop_px),
         segment=replace(base.segment, min_area_um2=args.min_area_um2, max_area_um2=args.max_area_um2),
     )
     workers = default_workers() if args.workers is None else args.workers
     slides = expand_slides(args.slides)
+    check_gallery_names(slides, args.out)  # before any SLURM job is submitted
+    slurm = _slurm_options(args)
+    if args.slides_at_once is not None and args.slides_at_once < 1:
+        raise ParameterError(f"--slides-at-once must be 1 or more, got {args.slides_at_once}")
     # One cluster for all slides: starting workers costs seconds.
-    with compute_client(workers, args.scheduler) as client:
+    with compute_client(
+        workers,
+        args.scheduler,
+        slurm=slurm,
+        slurm_log_directory=str(Path(args.out) / "logs" / "slurm"),
+        say=lambda message: print(message, file=sys.stderr),
+        preload=("pipeline.runner",),
+    ) as client:
         outcomes = run_batch(
             slides,
             args.out,
@@ -149,12 +213,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             workers=workers,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            concurrent_slides=args.slides_at_once,
         )
     failed = 0
     for outcome in outcomes:
         if outcome.status == "failed":
             failed += 1
-            print(f"error: {outcome.error}", file=sys.stderr)
+            named = Path(outcome.slide).name in outcome.error
+            print(f"error: {'' if named else outcome.slide + ': '}{outcome.error}", file=sys.stderr)
         elif outcome.status == "skipped":
             print(f"{outcome.slide}: gallery already complete, skipped (--overwrite redoes it)")
         else:
@@ -166,6 +232,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
         done = sum(o.status != "failed" for o in outcomes)
         print(f"{done} of {len(outcomes)} slides done, {failed} failed; record: {args.out}/batch.json")
     return EXIT_FAILED if failed else 0
+
+
+def _slurm_options(args: argparse.Namespace) -> SlurmOptions | None:
+    from .engine import SlurmOptions
+    from .errors import ParameterError
+
+    names = ("jobs", "cores", "memory", "walltime", "queue", "account", "local_directory")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    if args.cluster != "slurm":
+        if given:
+            flags = ", ".join("--" + name.replace("_", "-") for name in given)
+            verb = "applies" if len(given) == 1 else "apply"
+            raise ParameterError(f"{flags} {verb} only with --cluster slurm")
+        return None
+    return SlurmOptions(**given)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -182,32 +263,62 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     import json
 
-    from .evaluate import evaluate_gallery
+    from .evaluate import evaluate_gallery, format_report
 
     report = evaluate_gallery(args.gallery, args.truth)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    print(f"truth cells: {report['truth_cells']}")
-    print(
-        f"{'':<11}{'found':>7}{'recall':>8}{'precision':>10}{'dupl.':>6}{'false':>6}{'centre med/p95 um':>19}"
-    )
-    for name in ("candidates", "accepted"):
-        r = report[name]
-        err = r["centring_error_um"]
-        centring = f"{err['median']:.2f} / {err['p95']:.2f}" if err["median"] is not None else "-"
-        print(
-            f"{name:<11}{r['matched']:>7}{_pct(r['recall']):>8}{_pct(r['precision']):>10}"
-            f"{r['duplicates']:>6}{r['false']:>6}{centring:>19}"
-        )
-    for name in ("candidates", "accepted"):
-        zones = ", ".join(f"{z} {_pct(v)}" for z, v in report[name]["recall_by_zone"].items())
-        print(f"{name} recall by zone: {zones}")
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
-def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.1f}%"
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    # Not pipeline.export: it imports OpenCV, pandas and zarr, a second of start-up for every command.
+    from .crop_presets import CROP_PRESETS, EXPORT_FORMATS
+
+    p = sub.add_parser(
+        "export",
+        help="write a gallery as image files + a cells CSV, CSV tables, or a GeoJSON overlay for QuPath",
+        description="png/jpeg/tiff: one image per cell in OUT/<stem>/, named <stem>_<index>_x<X>_y<Y> "
+        "(level-0 centre pixel), with OUT/<stem>/<stem>.cells.csv (file, slide, every cell column). csv: "
+        "OUT/<stem>.cells.csv and OUT/<stem>.candidates.csv. geojson: OUT/<stem>.geojson, every "
+        "candidate (accepted or rejected, with its measurements) as a QuPath detection in level-0 pixels.",
+    )
+    p.add_argument("galleries", nargs="+", help="OUT/<stem>.zarr galleries written by run")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--format",
+        dest="export_format",
+        default=None,
+        choices=EXPORT_FORMATS,
+        help="what to write (default: the image format of the preset the gallery was cut with (run "
+        "--preset: "
+        + ", ".join(f"{name} {preset.image_format}" for name, preset in sorted(CROP_PRESETS.items()))
+        + "), else png)",
+    )
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=95,
+        help="JPEG quality 1-100 (default 95); applies to jpeg images only, other formats are lossless",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace files of an earlier export")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_galleries
+
+    results = export_galleries(  # refuses two galleries of one stem before writing anything
+        args.galleries,
+        args.out,
+        args.export_format,
+        jpeg_quality=args.jpeg_quality,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    for result in results:
+        print(result.summary())
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -223,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_simulate(sub)
     _add_evaluate(sub)
+    _add_export(sub)
     return parser
 
 
@@ -230,6 +342,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    if not args.debug:
+        warnings.showwarning = _show_warning_one_line
+    handlers = _stop_on_termination()
     try:
         return int(args.func(args))
     except PipelineError as exc:
@@ -240,3 +356,53 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: nothing unfinished was marked complete; re-run to resume", file=sys.stderr)
         return 130
+    except OSError as exc:  # outside any slide: the output folder, batch record, scheduler file
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; check the path and free disk space", file=sys.stderr)
+        return EXIT_FAILED
+    except Exception as exc:  # a bug: still one line, with the way to the traceback
+        if args.debug:
+            raise
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())
+        hint = "re-run with --debug for the traceback and report it"
+        print(f"error: unexpected {text}; {hint}", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        warnings.showwarning = shown
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
+def _stop_on_termination() -> dict[int, Any]:
+    """Treat SIGTERM and SIGHUP like Ctrl-C, so that drafts and locks are cleaned up.
+
+    SLURM sends SIGTERM at a job's walltime and on ``scancel``, and a closed terminal sends SIGHUP;
+    without a handler Python dies at once and skips every ``finally``. Returns the previous handlers.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}  # signal handlers can only be set from the main thread (e.g. main() called in a test)
+
+    def interrupt(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    previous: dict[int, Any] = {}
+    for name in ("SIGTERM", "SIGHUP"):
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            previous[signum] = signal.signal(signum, interrupt)
+    return previous
+
+
+def _show_warning_one_line(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Warnings as ``warning: <message>`` lines, without Python's source-location lines."""
+    text = " ".join(str(message).split())
+    print(f"warning: {text}", file=file or sys.stderr)

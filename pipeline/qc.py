@@ -117,6 +117,8 @@ def contact_sheet(
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """Write an RGB image as PNG atomically (a temporary name, then a rename)."""
     tmp = path.with_name(path.name + ".partial.png")
-    if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+    # zlib level 1: a smear's noise barely compresses at any level (11.6 vs 11.5 MB for a 3 mm overview),
+    # and level 1 takes a fifth less time than the default 3.
+    if not cv2.imwrite(str(tmp), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, 1]):
         raise OSError(f"could not write {path}")
     tmp.replace(path)

@@ -214,6 +214,15 @@ def _edge_blur_um(od_sum: np.ndarray, component: np.ndarray, mpp: float) -> floa
     return min(math.sqrt(max(sigma2, 0.0)) * mpp, _MAX_BLUR_UM)
 
 
+def search_window_half_um(params: CropParams) -> float:
+    """Half-side (um) of the full-resolution window read around a cell to re-centre it.
+
+    Three quarters of the crop holds the largest nucleus around the overview centre, and the search
+    radius allows for the overview centre being off by that much.
+    """
+    return params.crop_um * 0.75 + params.search_um
+
+
 def crop_window(x_px: float, y_px: float, mpp0: float, params: CropParams) -> tuple[float, float]:
     """Top-left level-0 corner (continuous px) of the crop centred on (x_px, y_px)."""
     half = params.crop_um / 2.0 / mpp0

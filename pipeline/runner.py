@@ -13,8 +13,12 @@ centroid. The result therefore does not depend on the tile size or on how many w
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -27,16 +31,18 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import __version__
-from .engine import compute_client, ordered_map
-from .errors import ParameterError
+from .engine import compute_client, ordered_map, worker_count
+from .errors import GalleryError, ParameterError, SlideError
 from .gallery import (
     DEFAULT_SHARD_CELLS,
     create_gallery,
     finalize_gallery,
     is_complete,
     open_gallery,
+    partial_path_for,
     write_shard,
 )
+from .lock import gallery_lock
 from .qc import contact_sheet, overview_picture, write_png
 from .quality import QualityParams, judge, neighbour_gaps_um, ring_features
 from .relocate import (
@@ -48,8 +54,10 @@ from .relocate import (
     od_table,
     refine_centre,
     relocation_table,
+    search_window_half_um,
 )
 from .segment import (
+    STATS_STRIDE,
     SegmentParams,
     SlideStains,
     estimate_slide_stains,
@@ -155,6 +163,13 @@ def plan_slide(ref: SlideRef, params: RunParams) -> Plan:
         dims = slide.dimensions
         level = slide.level_for_mpp(params.overview_mpp)
         level_mpp = slide.level_mpp(level)
+        if slide.greyscale:
+            warnings.warn(
+                f"{slide.path} is greyscale: without stain colour white cells cannot be told from red "
+                "cells, so few or none will be found; scan or export the slide in colour",
+                UserWarning,
+                stacklevel=2,
+            )
     native = (
         max(level_mpp, params.overview_mpp) / min(level_mpp, params.overview_mpp) <= NATIVE_LEVEL_TOLERANCE
     )
@@ -186,9 +201,24 @@ def _read_overview(plan: Plan, x0: int, y0: int, width: int, height: int) -> np.
 
 
 # ----------------------------------------------------------------------------------- blank glass
-def blank_tile_mask(plan: Plan, tiles: list[tuple[int, int, int, int]]) -> np.ndarray:
-    """True for tiles whose core and halo hold no stain at all in the thumbnail (to skip them)."""
-    # About 4 um/px is plenty to see stain, and cheap to read from a pyramid.
+@dataclass(frozen=True)
+class StainMap:
+    """Where the slide holds any stain, from its thumbnail (independent of the tiling)."""
+
+    stained: np.ndarray  # uint8 (h, w): 1 where the thumbnail pixel is darker than glass
+    px_per_overview_px: float
+
+    def box(self, x: int, y: int, w: int, h: int) -> tuple[slice, slice]:
+        """Thumbnail pixels under an overview-pixel rectangle."""
+        k = self.px_per_overview_px
+        return (
+            slice(math.floor(y * k), math.ceil((y + h) * k) + 1),
+            slice(math.floor(x * k), math.ceil((x + w) * k) + 1),
+        )
+
+
+def stain_map(plan: Plan) -> StainMap:
+    """Threshold the slide's thumbnail (about 4 um/px) against its brightest glass."""
     longest_um = max(plan.dimensions) * plan.mpp0
     with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
         thumb, thumb_mpp = slide.thumbnail(max(64, min(2048, math.ceil(longest_um / 4.0))))
@@ -199,34 +229,66 @@ def blank_tile_mask(plan: Plan, tiles: list[tuple[int, int, int, int]]) -> np.nd
     unsaturated = pixels[(pixels < 254).any(axis=1)]
     white = np.percentile(unsaturated if len(unsaturated) > 100 else pixels, 99, axis=0)
     od = od_sum_of(thumb, np.maximum(white, 1.0))
-    stained = (od > BLANK_MAX_OD_SUM).astype(np.uint8)
-    px_per_ov = plan.overview_mpp / thumb_mpp
-    grow = math.ceil((plan.halo_px + 2) * px_per_ov) + 1
-    stained = cv2.dilate(stained, cv2.getStructuringElement(cv2.MORPH_RECT, (2 * grow + 1, 2 * grow + 1)))
-    blank = np.zeros(len(tiles), dtype=bool)
-    for i, (x, y, w, h) in enumerate(tiles):
-        tx0, ty0 = math.floor(x * px_per_ov), math.floor(y * px_per_ov)
-        tx1, ty1 = math.ceil((x + w) * px_per_ov) + 1, math.ceil((y + h) * px_per_ov) + 1
-        blank[i] = not stained[ty0:ty1, tx0:tx1].any()
-    return blank
+    return StainMap((od > BLANK_MAX_OD_SUM).astype(np.uint8), plan.overview_mpp / thumb_mpp)
+
+
+def blank_tile_mask(
+    plan: Plan, tiles: list[tuple[int, int, int, int]], stains: StainMap | None = None
+) -> np.ndarray:
+    """True for tiles whose core and halo hold no stain at all in the thumbnail (to skip them)."""
+    stains = stains or stain_map(plan)
+    grow = math.ceil((plan.halo_px + 2) * stains.px_per_overview_px) + 1
+    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * grow + 1, 2 * grow + 1))
+    grown = StainMap(cv2.dilate(stains.stained, kernel), stains.px_per_overview_px)
+    return np.array([not grown.stained[grown.box(*tile)].any() for tile in tiles], dtype=bool)
 
 
 # ------------------------------------------------------------------------------------ statistics
-def sample_windows(plan: Plan, n: int, size_px: int = 512) -> list[tuple[int, int, int, int]]:
-    """Up to ``n`` overview windows on a fixed grid over the slide (independent of the tiling)."""
+def sample_windows(
+    plan: Plan, n: int, size_px: int = 512, stains: StainMap | None = None
+) -> list[tuple[int, int, int, int]]:
+    """Up to ``n`` overview windows spread over the stained part of the slide (independent of the tiling).
+
+    Windows lie on a regular k x k grid (k = ceil(sqrt(n))). With a stain map only windows holding stain
+    count, since on a mostly blank slide glass alone would make the stain statistics meaningless; the
+    grid is refined (2k, 4k) until ``n`` stained windows exist, and ``n`` of them are chosen far apart.
+    """
     w, h = plan.overview_size
     size = min(size_px, w, h)
-    k = max(1, math.ceil(math.sqrt(n)))
-    xs = np.linspace(0, max(0, w - size), k).round().astype(int)
-    ys = np.linspace(0, max(0, h - size), k).round().astype(int)
-    return [(int(x), int(y), size, size) for y in ys for x in xs][:n]
+    k0 = max(1, math.ceil(math.sqrt(n)))
+    windows: list[tuple[int, int, int, int]] = []
+    for k in (k0, 2 * k0, 4 * k0):
+        xs = np.unique(np.linspace(0, max(0, w - size), k).round().astype(int))
+        ys = np.unique(np.linspace(0, max(0, h - size), k).round().astype(int))
+        grid = [(int(x), int(y), size, size) for y in ys for x in xs]
+        stained = grid if stains is None else [win for win in grid if stains.stained[stains.box(*win)].any()]
+        windows = stained or windows
+        if len(windows) >= n or stains is None:
+            break
+    if not windows:  # no stain anywhere: the plain grid (the estimate then reports blank glass)
+        windows = grid
+    return _far_apart(windows, n)
+
+
+def _far_apart(windows: list[tuple[int, int, int, int]], n: int) -> list[tuple[int, int, int, int]]:
+    """``n`` windows, each in turn the farthest from those already chosen (ties: first in raster order)."""
+    if len(windows) <= n:
+        return windows
+    xy = np.array([(x, y) for x, y, _, _ in windows], dtype=float)
+    chosen = [0]
+    nearest = np.hypot(*(xy - xy[0]).T)
+    while len(chosen) < n:
+        pick = int(np.argmax(nearest))
+        chosen.append(pick)
+        nearest = np.minimum(nearest, np.hypot(*(xy - xy[pick]).T))
+    return [windows[i] for i in sorted(chosen)]
 
 
 def _estimate_task(windows: list[tuple[int, int, int, int]], plan: Plan) -> SlideEstimate:
     samples = [_read_overview(plan, *window) for window in windows]
     stains = estimate_slide_stains(samples, plan.overview_mpp, plan.params.segment)
-    pixels = np.concatenate([s.reshape(-1, 3) for s in samples]).astype(np.float32)
-    od = od_sum_of(pixels[None], np.asarray(stains.white_rgb, dtype=np.float32))[0]
+    pixels = np.concatenate([s[::STATS_STRIDE, ::STATS_STRIDE].reshape(-1, 3) for s in samples])
+    od = cv2.LUT(pixels[None], od_table(stains.white_rgb)).sum(axis=-1)[0]
     # Red cells dominate stained pixels; the quality ring measures stain relative to them.
     stained = od[(od > 0.12) & (od < np.percentile(od, 99.5))]
     red_cell_od = float(np.median(stained)) if stained.size > 100 else 0.4
@@ -280,8 +342,7 @@ def _empty_candidates() -> pd.DataFrame:
 def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
     slide = cached_slide(plan.ref)
     crop = plan.params.crop
-    half_um = crop.crop_um * 0.75 + crop.search_um
-    half = math.ceil(half_um / plan.mpp0)
+    half = math.ceil(search_window_half_um(crop) / plan.mpp0)
     refined: list[Refined] = []
     lut = od_table(estimate.stains.white_rgb)
     for x, y in zip(batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), strict=True):
@@ -356,7 +417,88 @@ def run_slide(
     Returns
     -------
     RunResult
+
+    Raises
+    ------
+    PipelineError
+        ``SlideError``/``MppError`` for the slide; ``GalleryError`` when the gallery cannot be written
+        (disk full, not writable) or another run holds its lock (``OUT/.<stem>.zarr.lock``). On any
+        failure, Ctrl-C included, the unfinished draft is deleted and nothing is marked complete.
     """
+    final = gallery_path(slide_path, out_dir)
+    try:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise GalleryError(_write_error_message(Path(slide_path), final, exc)) from exc
+    with gallery_lock(final):
+        try:
+            return _run_slide_locked(
+                slide_path, out_dir, params=params, mpp=mpp, workers=workers, client=client,
+                overwrite=overwrite, progress=progress, log=log,
+            )  # fmt: skip
+        except BaseException as exc:
+            # The next run deletes a leftover draft anyway; deleting it now frees the space at once,
+            # which matters when the disk is full.
+            shutil.rmtree(partial_path_for(final), ignore_errors=True)
+            os_error = _os_error_in(exc, Path(out_dir))
+            if os_error is not None:
+                raise GalleryError(_write_error_message(Path(slide_path), final, os_error)) from exc
+            raise
+
+
+def _os_error_in(exc: BaseException, out_dir: Path) -> OSError | None:
+    """The operating-system error behind a failed write to ``out_dir``, if that is what ``exc`` is."""
+    if isinstance(exc, SlideError):
+        return None  # reading the slide failed: its message already says so
+    for error in (exc, exc.__cause__):
+        # errno is None for Dask's connection errors, which subclass OSError but are not about files.
+        if not isinstance(error, OSError) or error.errno is None:
+            continue
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return error  # only writing fails this way
+        # Other errors (EIO, EACCES, ESTALE...) may come from reading the slide over a network file
+        # system: only those about a file under the output folder are about writing the gallery.
+        if error.filename is not None and _is_under(Path(os.fsdecode(error.filename)), out_dir):
+            return error
+    return None
+
+
+def _is_under(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+    except (ValueError, OSError):
+        return False
+    return True
+
+
+def _write_error_message(slide_path: Path, final: Path, exc: OSError) -> str:
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"{slide_path}: disk full while writing {final} ({reason}); free space in {final.parent} or "
+            "choose another --out, then re-run (nothing was marked complete)"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+        return (
+            f"{slide_path}: cannot write {final} ({reason}); make {final.parent} writable or choose "
+            "another --out"
+        )
+    return f"{slide_path}: I/O error writing {exc.filename or final} ({reason}); check the disk, then re-run"
+
+
+def _run_slide_locked(
+    slide_path: str | Path,
+    out_dir: str | Path,
+    *,
+    params: RunParams | None,
+    mpp: float | None,
+    workers: int,
+    client: Any,
+    overwrite: bool,
+    progress: bool,
+    log: Callable[[str], None] | None,
+) -> RunResult:
+    """:func:`run_slide` while holding the gallery's lock."""
     started = time.perf_counter()
     params = params or RunParams()
     slide_path = Path(slide_path)
@@ -372,7 +514,8 @@ def run_slide(
     with _stage(timings, "plan"):
         plan = plan_slide(ref, params)
         tiles = overview_tiles(plan)
-        blank = blank_tile_mask(plan, tiles) if params.skip_blank else np.zeros(len(tiles), dtype=bool)
+        stains = stain_map(plan)
+        blank = blank_tile_mask(plan, tiles, stains) if params.skip_blank else np.zeros(len(tiles), bool)
     say(
         f"{slide_path.name}: {len(tiles)} overview tiles at {plan.overview_mpp:.3g} um/px, "
         f"{int(blank.sum())} blank"
@@ -380,8 +523,9 @@ def run_slide(
 
     with _engine(client, workers) as engine:
         with _stage(timings, "estimate"):
-            windows = sample_windows(plan, params.stat_samples)
-            estimate = next(ordered_map(engine, _estimate_task, [windows], plan))
+            windows = sample_windows(plan, params.stat_samples, stains=stains)
+            # In the driver (a fraction of a second): a new cluster's workers are still starting.
+            estimate = _estimate_task(windows, plan)
         with _stage(timings, "detect"):
             todo = [t for t, b in zip(tiles, blank, strict=True) if not b]
             parts = list(
@@ -428,7 +572,13 @@ def run_slide(
             )
     timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
     finalize_gallery(draft, {"timings_s": timings}, receipts)
-    _write_qc(final, slide_path, plan, candidates)
+    try:
+        _write_qc(final, slide_path, plan, candidates)
+    except Exception as exc:
+        # The gallery is complete and whole by now; the pictures only help to look at it, so no
+        # failure here (an unreadable thumbnail, a full disk, a codec error) may fail the slide.
+        warnings.warn(f"{slide_path}: QC pictures not written ({exc})", UserWarning, stacklevel=2)
+        say(f"QC pictures not written: {exc}")
     say(f"{slide_path.name}: {len(cells)} cells from {len(candidates)} candidates -> {final}")
     return RunResult(slide_path, final, "done", len(cells), len(candidates), time.perf_counter() - started)
 
@@ -438,14 +588,15 @@ def _engine(client: Any, workers: int) -> Iterator[Any]:
     if client is not None:
         yield client
         return
-    with compute_client(workers) as own:
+    with compute_client(workers, preload=("pipeline.runner",)) as own:
         yield own
 
 
 def _window(engine: Any) -> int:
     if engine is None:
         return 1
-    return max(4, 3 * len(engine.scheduler_info().get("workers", {})))
+    # The planned workers, not only those connected now: SLURM jobs join while a slide runs.
+    return max(4, 3 * worker_count(engine))
 
 
 def _progress(items: Iterator[Any], total: int, desc: str, enabled: bool) -> Iterator[Any]:

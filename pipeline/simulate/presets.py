@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from ..errors import ParameterError
 
+#: Which part of a smear a simulated window shows: one zone, all zones compressed ('across'), or the
+#: whole smear on a slide ('whole'). Here, not in scene.py, so the command line can list them cheaply.
+PLACEMENTS = ("monolayer", "thick", "feathered", "across", "whole")
+
 #: Class frequencies of the MLL23 gallery (counts from the dataset paper).
 MLL23_COUNTS: dict[str, float] = {
     "typical_lymphocyte": 5532,

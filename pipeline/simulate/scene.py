@@ -24,9 +24,8 @@ import numpy as np
 from ..errors import ParameterError
 from ._hash import block_rng, hash_uniform
 from .cells import MLL23_CLASSES, class_diameter_range_um
-from .presets import BloodPreset
+from .presets import PLACEMENTS, BloodPreset
 
-PLACEMENTS = ("monolayer", "thick", "feathered", "across", "whole")
 ZONES = ("thick", "monolayer", "feathered", "glass")
 
 FILM_DEPTH_UM = 2.2
