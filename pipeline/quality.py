@@ -30,7 +30,6 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.spatial import cKDTree
 
 from .errors import ParameterError
 
@@ -148,6 +147,10 @@ def neighbour_gaps_um(
     gaps = np.full(n, np.inf)
     if n < 2:
         return gaps
+    # Imported here: only the driver judges neighbours, and scipy.spatial adds a third of a second to
+    # every worker's start.
+    from scipy.spatial import cKDTree
+
     points = np.column_stack([x_um, y_um])
     tree = cKDTree(points)
     for i, j in tree.query_pairs(r=search_um + 2 * float(np.max(radius_um))):

@@ -20,6 +20,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,7 @@ from .gallery import (
     write_shard,
 )
 from .lock import gallery_lock
-from .qc import contact_sheet, overview_picture, write_png
+from .qc import contact_sheet, overview_picture, png_bytes, write_file, write_png
 from .quality import QualityParams, judge, neighbour_gaps_um, ring_features
 from .relocate import (
     CropParams,
@@ -72,6 +73,8 @@ OVERVIEW_MPP = 1.0
 #: Thumbnail pixels darker than this (OD summed over R, G, B, against the slide's white) hold stain;
 #: vignetting of up to ~13 % at a camera field's corner stays below it.
 BLANK_MAX_OD_SUM = 0.18
+#: Driver-side work that overlaps the workers' (it only draws QC pictures).
+_BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qc")
 #: A native pyramid level within this factor of OVERVIEW_MPP is used as it is (no resampling).
 NATIVE_LEVEL_TOLERANCE = 1.35
 
@@ -545,6 +548,8 @@ def _run_slide_locked(
         candidates["cell_index"] = -1
         candidates.loc[accepted.index, "cell_index"] = np.arange(len(accepted))
         attrs = _attrs(plan, estimate, candidates, tiles, blank)
+        # The overview picture needs only the candidates: the driver draws it while workers cut crops.
+        overview = _BACKGROUND.submit(_overview_png, plan, candidates.copy())
         with _stage(timings, "crops"):
             draft = create_gallery(
                 final,
@@ -573,7 +578,8 @@ def _run_slide_locked(
     timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
     finalize_gallery(draft, {"timings_s": timings}, receipts)
     try:
-        _write_qc(final, slide_path, plan, candidates)
+        write_file(final.with_name(f"{slide_path.stem}.overview.png"), overview.result())
+        _write_contact_sheet(final, slide_path)
     except Exception as exc:
         # The gallery is complete and whole by now; the pictures only help to look at it, so no
         # failure here (an unreadable thumbnail, a full disk, a codec error) may fail the slide.
@@ -711,15 +717,16 @@ def _vendor(ref: SlideRef) -> str:
     return cached_slide(ref).vendor
 
 
-def _write_qc(final: Path, slide_path: Path, plan: Plan, candidates: pd.DataFrame) -> None:
-    stem = slide_path.stem
+def _overview_png(plan: Plan, candidates: pd.DataFrame) -> bytes:
+    """The slide's thumbnail with every candidate marked, as PNG bytes (written once the gallery is)."""
     with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
         thumb, thumb_mpp = slide.thumbnail(2400)
-    write_png(
-        final.with_name(f"{stem}.overview.png"), overview_picture(thumb, thumb_mpp, plan.mpp0, candidates)
-    )
+    return png_bytes(overview_picture(thumb, thumb_mpp, plan.mpp0, candidates))
+
+
+def _write_contact_sheet(final: Path, slide_path: Path) -> None:
     gallery = open_gallery(final)
     n = min(len(gallery), 100)
     images = gallery.images[:n] if n else np.zeros((0, 1, 1, 3), np.uint8)
     labels = [f"q={q:.2f}" for q in gallery.cells["quality"].to_numpy()[:n]] if n else None
-    write_png(final.with_name(f"{stem}.contact.png"), contact_sheet(np.asarray(images), labels))
+    write_png(final.with_name(f"{slide_path.stem}.contact.png"), contact_sheet(np.asarray(images), labels))
