@@ -229,9 +229,20 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 f"in {outcome.seconds:.1f} s"
             )
     if len(outcomes) > 1:
+        _print_batch_table(outcomes)
         done = sum(o.status != "failed" for o in outcomes)
         print(f"{done} of {len(outcomes)} slides done, {failed} failed; record: {args.out}/batch.json")
     return EXIT_FAILED if failed else 0
+
+
+def _print_batch_table(outcomes: Sequence[Any]) -> None:
+    """One row per slide: status, cells, candidates, seconds (errors are printed above)."""
+    width = max(len("slide"), *(len(Path(o.slide).name) for o in outcomes))
+    print(f"\n{'slide':<{width}}  {'status':<8}{'cells':>8}{'candidates':>12}{'seconds':>9}")
+    for o in outcomes:
+        print(f"{Path(o.slide).name:<{width}}  {o.status:<8}{o.cells:>8}{o.candidates:>12}{o.seconds:>9.1f}")
+    cells, candidates = sum(o.cells for o in outcomes), sum(o.candidates for o in outcomes)
+    print(f"{'total':<{width}}  {'':<8}{cells:>8}{candidates:>12}{sum(o.seconds for o in outcomes):>9.1f}")
 
 
 def _slurm_options(args: argparse.Namespace) -> SlurmOptions | None:

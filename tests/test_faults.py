@@ -287,7 +287,13 @@ def test_bad_slides_do_not_stop_the_good_one(base: Any, window: np.ndarray, tmp_
     code, stdout, err = run_cli(capsys, *map(str, [*bad, good]), "--out", str(out))
     assert_clean_error(code, err, [p.name for p in bad], ["re-copy"])
     assert "1 of 3 slides done, 2 failed" in stdout
-    assert assert_whole(out / "good.zarr") > 0
+    cells = assert_whole(out / "good.zarr")
+    assert cells > 0
+    # the summary table: a row per slide with its status and cells, and the total
+    rows = {line.split()[0]: line.split() for line in stdout.splitlines() if line.strip()}
+    assert rows["good.tif"][1:3] == ["done", str(cells)]
+    assert all(rows[p.name][1:3] == ["failed", "0"] for p in bad)
+    assert rows["total"][1] == str(cells)
     record = json.loads((out / "batch.json").read_text())
     assert sorted(row["status"] for row in record["slides"]) == ["done", "failed", "failed"]
     assert_nothing_false(out)
