@@ -73,10 +73,10 @@ OVERVIEW_MPP = 1.0
 #: Thumbnail pixels darker than this (OD summed over R, G, B, against the slide's white) hold stain;
 #: vignetting of up to ~13 % at a camera field's corner stays below it.
 BLANK_MAX_OD_SUM = 0.18
-#: Driver-side work that overlaps the workers' (it only draws QC pictures).
-_BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qc")
 #: A native pyramid level within this factor of OVERVIEW_MPP is used as it is (no resampling).
 NATIVE_LEVEL_TOLERANCE = 1.35
+#: Driver-side work that overlaps the workers' (it only draws QC pictures).
+_BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qc")
 
 
 @dataclass(frozen=True)
