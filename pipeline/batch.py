@@ -30,6 +30,7 @@ from typing import Any
 import zarr
 from tqdm import tqdm
 
+from ._files import atomic_path
 from .engine import compute_client, worker_count
 from .errors import ParameterError, PipelineError
 from .runner import RunParams, gallery_path, run_slide
@@ -112,19 +113,12 @@ class _Record:
             "failed": sum(r["status"] == "failed" for r in rows),
             "cells": sum(r["cells"] for r in rows),
         }
-        _atomic_write(self.out_dir / "batch.json", json.dumps({"summary": summary, "slides": rows}, indent=2))
-        tmp = self.out_dir / f"batch.csv.{os.getpid()}.partial"
-        with open(tmp, "w", newline="") as fh:
+        with atomic_path(self.out_dir / "batch.json") as tmp:
+            tmp.write_text(json.dumps({"summary": summary, "slides": rows}, indent=2))
+        with atomic_path(self.out_dir / "batch.csv") as tmp, open(tmp, "w", newline="") as fh:
             writer = csv.DictWriter(fh, fieldnames=BATCH_FIELDS)
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.out_dir / "batch.csv")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")  # two runs on one OUT must not share it
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def one_line(exc: BaseException) -> str:

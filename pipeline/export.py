@@ -54,6 +54,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ._files import atomic_path
 from .crop_presets import EXPORT_FORMATS, IMAGE_FORMATS, match_crop_preset
 from .errors import GalleryError, ParameterError
 from .gallery import DEFAULT_SHARD_CELLS, Gallery, open_gallery, shard_ranges
@@ -414,11 +415,6 @@ def _own_temporary(out_dir: Path, stem: str, kind: str) -> Path:
     return out_dir / f".{stem}.export.{os.getpid()}-{uuid.uuid4().hex[:12]}.{kind}"
 
 
-def _own_temporary_file(path: Path) -> Path:
-    """A hidden sibling of ``path`` to write first and rename: a concurrent export has its own."""
-    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:12]}.tmp")
-
-
 def _publish(partial: Path, final: Path, out_dir: Path, stem: str, overwrite: bool) -> None:
     """Rename the finished folder to its final name, moving an earlier export aside first if allowed."""
     old = None
@@ -525,12 +521,10 @@ def export_tables(gallery: Gallery, out_dir: Path, *, overwrite: bool = False) -
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
-    tmp = _own_temporary_file(path)
     try:
-        table.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            table.to_csv(tmp, index=False)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise GalleryError(f"cannot write {path}: {exc}") from exc
 
 
@@ -669,17 +663,14 @@ def export_geojson(gallery: Gallery, path: Path, *, overwrite: bool = False) -> 
         Number of features written.
     """
     _check_free([path], overwrite)
-    tmp = _own_temporary_file(path)
     count = 0
     try:
-        with open(tmp, "w", encoding="utf-8") as handle:
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
             handle.write('{"type": "FeatureCollection", "features": [\n')
             for feature in geojson_features(gallery):
                 handle.write((",\n" if count else "") + json.dumps(feature, allow_nan=False))
                 count += 1
             handle.write("\n]}\n")
-        os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise GalleryError(f"cannot write {path}: {exc}") from exc
     return count

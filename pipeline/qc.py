@@ -9,6 +9,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from ._files import atomic_path
+
 #: Mark colours (RGB) per outcome.
 COLOURS = {
     "accepted": (0, 170, 0),
@@ -136,9 +138,8 @@ def png_bytes(rgb: np.ndarray) -> bytes:
 
 def write_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (a temporary name, then a rename)."""
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_png(path: Path, rgb: np.ndarray) -> None:

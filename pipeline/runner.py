@@ -531,13 +531,14 @@ def _run_slide_locked(
             estimate = _estimate_task(windows, plan)
         with _stage(timings, "detect"):
             todo = [t for t, b in zip(tiles, blank, strict=True) if not b]
-            parts = list(
-                _progress(
-                    ordered_map(engine, _detect_tile, todo, plan, estimate, window=_window(engine)),
-                    total=len(todo),
-                    desc=f"detect {slide_path.name}",
-                    enabled=progress,
-                )
+            parts = _map_stage(
+                engine,
+                _detect_tile,
+                todo,
+                plan,
+                estimate,
+                desc=f"detect {slide_path.name}",
+                progress=progress,
             )
         with _stage(timings, "quality"):
             candidates = _assemble_candidates(parts, plan)
@@ -565,16 +566,10 @@ def _run_slide_locked(
                 (i, cells["x_px"].to_numpy()[a:b], cells["y_px"].to_numpy()[a:b])
                 for i, (a, b) in enumerate(draft.shard_ranges())
             ]
-            receipts = list(
-                _progress(
-                    ordered_map(
-                        engine, _shard_task, shards, plan, str(draft.partial_path), window=_window(engine)
-                    ),
-                    total=len(shards),
-                    desc=f"crops {slide_path.name}",
-                    enabled=progress,
-                )
-            )
+            receipts = _map_stage(
+                engine, _shard_task, shards, plan, str(draft.partial_path), desc=f"crops {slide_path.name}",
+                progress=progress,
+            )  # fmt: skip
     timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
     finalize_gallery(draft, {"timings_s": timings}, receipts)
     try:
@@ -605,11 +600,16 @@ def _window(engine: Any) -> int:
     return max(4, 3 * worker_count(engine))
 
 
-def _progress(items: Iterator[Any], total: int, desc: str, enabled: bool) -> Iterator[Any]:
-    with tqdm(total=total, desc=desc, unit="task", disable=not enabled, leave=False) as bar:
-        for item in items:
+def _map_stage(
+    engine: Any, fn: Callable[..., Any], items: list[Any], *args: Any, desc: str, progress: bool
+) -> list:
+    """``fn(item, *args)`` for every item on the engine, in order, with a progress bar of tasks."""
+    results = []
+    with tqdm(total=len(items), desc=desc, unit="task", disable=not progress, leave=False) as bar:
+        for result in ordered_map(engine, fn, items, *args, window=_window(engine)):
+            results.append(result)
             bar.update(1)
-            yield item
+    return results
 
 
 def _assemble_candidates(parts: list[pd.DataFrame], plan: Plan) -> pd.DataFrame:
@@ -636,13 +636,8 @@ def _relocate(
     candidates["relocated"] = False
     todo = candidates[candidates["accepted"]]
     batches = [todo.iloc[i : i + 64][["x_px", "y_px"]] for i in range(0, len(todo), 64)]
-    results = list(
-        _progress(
-            ordered_map(engine, _relocate_task, batches, plan, estimate, window=_window(engine)),
-            total=len(batches),
-            desc=f"relocate {name}",
-            enabled=progress,
-        )
+    results = _map_stage(
+        engine, _relocate_task, batches, plan, estimate, desc=f"relocate {name}", progress=progress
     )
     if results:
         moved = pd.concat(results)

@@ -181,15 +181,20 @@ def first_batch(dask_cluster, batch_slides, tmp_path_factory) -> tuple[Path, Cli
     """Two good slides and a truncated one, run against the external scheduler."""
     dask_cluster.ensure_workers(2)
     out = tmp_path_factory.mktemp("first-batch")
-    argv = [
+    return out, run_cli(_batch_argv(batch_slides, out, dask_cluster))
+
+
+def _batch_argv(slides: list[Path], out: Path, dask_cluster) -> list[str]:
+    """``run`` of the slides against the external scheduler, with the test's options."""
+    return [
         "run",
-        *map(str, batch_slides),
+        *map(str, slides),
         "--out",
         str(out),
         "--scheduler",
         str(dask_cluster.scheduler_file),
+        *RUN_OPTIONS,
     ]
-    return out, run_cli(argv + RUN_OPTIONS)
 
 
 def _record(out: Path) -> dict[str, dict]:
@@ -233,15 +238,7 @@ def test_rerun_skips_finished_galleries_and_is_fast(dask_cluster, first_batch, b
     stems = [s.stem for s in batch_slides[:2]]
     before = _snapshot(out, stems)
     dask_cluster.ensure_workers(2)
-    argv = [
-        "run",
-        *map(str, batch_slides),
-        "--out",
-        str(out),
-        "--scheduler",
-        str(dask_cluster.scheduler_file),
-    ]
-    again = run_cli(argv + RUN_OPTIONS)
+    again = run_cli(_batch_argv(batch_slides, out, dask_cluster))
     assert again.code == 1  # the truncated slide is tried again, and fails again
     assert _snapshot(out, stems) == before
     rows = _record(out)
