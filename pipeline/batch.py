@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ._files import atomic_path
 from .engine import compute_client, worker_count
-from .errors import ParameterError, PipelineError
+from .errors import ParameterError, PipelineError, is_interrupt
 from .runner import RunParams, gallery_path, run_slide
 
 #: File endings taken as slides when a folder is given (OpenSlide's formats and TIFF).
@@ -250,6 +250,9 @@ def run_batch(
                 if result.status == "done":
                     log.say(f"stage timings (s): {_timings(result.gallery)}")
             except Exception as exc:  # a failed slide must not stop the batch
+                if is_interrupt(exc):  # Ctrl-C surfacing as another error is not the slide's failure
+                    log.say("interrupted")
+                    raise KeyboardInterrupt(one_line(exc)) from exc
                 log.say("failed: " + one_line(exc))
                 log.write(traceback.format_exc())
                 outcome = SlideOutcome(

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from . import __version__
-from .errors import PipelineError
+from .errors import PipelineError, clear_interrupt, is_interrupt, note_interrupt, raise_if_interrupted
 
 if TYPE_CHECKING:
     from .engine import SlurmOptions
@@ -356,52 +356,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     shown = warnings.showwarning
     if not args.debug:
         warnings.showwarning = _show_warning_one_line
-    handlers = _stop_on_termination()
+    clear_interrupt()
+    handlers = _interrupt_on_signals()
     try:
-        return int(args.func(args))
-    except PipelineError as exc:
+        code = int(args.func(args))
+        raise_if_interrupted()  # an interrupt that a callee swallowed still ends the command as one
+        return code
+    except (KeyboardInterrupt, Exception) as exc:
+        if is_interrupt(exc):
+            if args.debug and not isinstance(exc, KeyboardInterrupt):
+                raise
+            print("interrupted: nothing unfinished was marked complete; re-run to resume", file=sys.stderr)
+            # CPython remembers a KeyboardInterrupt that escaped an exec() of a string (dataclass and
+            # namedtuple creation, during a lazy import) and then ends the process by SIGINT instead of
+            # with our exit code; any later exec() of a string clears that record.
+            exec("pass")
+            return 130
         if args.debug:
             raise
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except KeyboardInterrupt:
-        print("interrupted: nothing unfinished was marked complete; re-run to resume", file=sys.stderr)
-        return 130
-    except OSError as exc:  # outside any slide: the output folder, batch record, scheduler file
-        if args.debug:
-            raise
-        where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}; check the path and free disk space", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as exc:  # a bug: still one line, with the way to the traceback
-        if args.debug:
-            raise
-        text = " ".join(f"{type(exc).__name__}: {exc}".split())
-        hint = "re-run with --debug for the traceback and report it"
-        print(f"error: unexpected {text}; {hint}", file=sys.stderr)
+        print(f"error: {_one_line_error(exc)}", file=sys.stderr)
         return EXIT_FAILED
     finally:
         warnings.showwarning = shown
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
+        clear_interrupt()  # main() may be called again in this process (tests, notebooks)
 
 
-def _stop_on_termination() -> dict[int, Any]:
-    """Treat SIGTERM and SIGHUP like Ctrl-C, so that drafts and locks are cleaned up.
+def _one_line_error(exc: BaseException) -> str:
+    """The message printed after ``error:`` for an exception that ends a command."""
+    if isinstance(exc, PipelineError):
+        return str(exc)
+    if isinstance(exc, OSError):  # outside any slide: the output folder, batch record, scheduler file
+        where = f"{exc.filename}: " if exc.filename else ""
+        return f"{where}{exc.strerror or exc}; check the path and free disk space"
+    # A bug: still one line, with the way to the traceback.
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return f"unexpected {text}; re-run with --debug for the traceback and report it"
+
+
+def _interrupt_on_signals() -> dict[int, Any]:
+    """Treat SIGINT, SIGTERM and SIGHUP as an interrupt, recorded so that its consequences are too.
 
     SLURM sends SIGTERM at a job's walltime and on ``scancel``, and a closed terminal sends SIGHUP;
-    without a handler Python dies at once and skips every ``finally``. Returns the previous handlers.
+    without a handler Python dies at once and skips every ``finally``, leaving drafts and locks. The
+    interrupt is also recorded (:func:`~pipeline.errors.note_interrupt`), because the KeyboardInterrupt
+    can surface as another error (ctypes turns it into ``ArgumentError``). Returns the previous handlers.
     """
     if threading.current_thread() is not threading.main_thread():
         return {}  # signal handlers can only be set from the main thread (e.g. main() called in a test)
 
     def interrupt(signum: int, _frame: object) -> None:
+        note_interrupt()
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     previous: dict[int, Any] = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
         signum = getattr(signal, name, None)
-        if signum is not None:
+        # An ignored signal stays ignored: nohup ignores SIGHUP, and a shell ignores SIGINT for the
+        # jobs it starts in the background, so that closing the terminal or Ctrl-C leaves them running.
+        if signum is not None and signal.getsignal(signum) is not signal.SIG_IGN:
             previous[signum] = signal.signal(signum, interrupt)
     return previous
 

@@ -720,6 +720,31 @@ def _exchange_paths(a: Path, b: Path) -> bool:
     raise OSError(err, os.strerror(err), str(a), None, str(b))
 
 
+def wait_for_pending_writes(timeout_s: float = 10.0) -> None:
+    """Wait until writes zarr has started in this process are done (at most ``timeout_s``).
+
+    zarr-python runs its IO on a background event loop; when a wait for it is interrupted (Ctrl-C),
+    the write goes on and may create files after the caller has already deleted the draft.
+    """
+    import asyncio
+
+    from zarr.core import sync as zarr_sync
+
+    if zarr_sync.loop[0] is None:  # zarr has done no IO in this process
+        return
+
+    async def _drain() -> None:
+        current = asyncio.current_task()
+        pending = [task for task in asyncio.all_tasks() if task is not current]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+
+    try:
+        zarr_sync.sync(_drain(), timeout=timeout_s + 1.0)
+    except Exception as exc:  # best effort: a leftover draft is removed by the next run anyway
+        warnings.warn(f"pending gallery writes not confirmed finished: {exc}", RuntimeWarning, stacklevel=2)
+
+
 def _remove_tree(path: Path) -> bool:
     if not os.path.lexists(path):
         return False

@@ -134,14 +134,20 @@ def gallery_lock(final_path: str | os.PathLike[str]) -> Iterator[LockInfo]:
     """
     lock = lock_path_for(final_path)
     mine = _acquire(lock, Path(final_path))
+    # Everything after the lock exists is inside ``try``: Ctrl-C while the heartbeat thread starts
+    # (``start()`` waits for it) must still release the lock.
     stop = threading.Event()
-    heartbeat = threading.Thread(target=_refresh, args=(lock, mine, stop), daemon=True, name="gallery-lock")
-    heartbeat.start()
+    heartbeat: threading.Thread | None = None
     try:
+        heartbeat = threading.Thread(
+            target=_refresh, args=(lock, mine, stop), daemon=True, name="gallery-lock"
+        )
+        heartbeat.start()
         yield mine
     finally:
         stop.set()
-        heartbeat.join()
+        if heartbeat is not None and heartbeat.ident is not None:
+            heartbeat.join()
         _release(lock, mine)
 
 
@@ -186,16 +192,19 @@ def _acquire(lock: Path, final: Path) -> LockInfo:
                 "or choose another --out"
             ) from exc
         try:
-            os.write(fd, payload)
-        except OSError as exc:
-            os.close(fd)
+            try:
+                os.write(fd, payload)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # a full disk, or Ctrl-C: do not leave a lock behind
             with contextlib.suppress(OSError):
                 lock.unlink()
+            if not isinstance(exc, OSError):
+                raise
             raise GalleryError(
                 f"cannot write the lock file {lock} ({exc.strerror}); free space on {lock.parent} "
                 "or choose another --out"
             ) from exc
-        os.close(fd)
         return mine
     raise GalleryError(
         f"{final}: could not take the lock {lock} after {_ATTEMPTS} attempts (other runs keep taking "

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .engine import compute_client, ordered_map, worker_count
-from .errors import GalleryError, ParameterError, SlideError
+from .errors import GalleryError, ParameterError, SlideError, is_interrupt, raise_if_interrupted
 from .gallery import (
     DEFAULT_SHARD_CELLS,
     create_gallery,
@@ -41,6 +41,7 @@ from .gallery import (
     is_complete,
     open_gallery,
     partial_path_for,
+    wait_for_pending_writes,
     write_shard,
 )
 from .lock import gallery_lock
@@ -441,7 +442,9 @@ def run_slide(
             )  # fmt: skip
         except BaseException as exc:
             # The next run deletes a leftover draft anyway; deleting it now frees the space at once,
-            # which matters when the disk is full.
+            # which matters when the disk is full. An interrupted wait leaves zarr's writes running on
+            # its IO thread, and they would put files back into the deleted draft.
+            wait_for_pending_writes()
             shutil.rmtree(partial_path_for(final), ignore_errors=True)
             os_error = _os_error_in(exc, Path(out_dir))
             if os_error is not None:
@@ -571,11 +574,14 @@ def _run_slide_locked(
                 progress=progress,
             )  # fmt: skip
     timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
+    raise_if_interrupted()
     finalize_gallery(draft, {"timings_s": timings}, receipts)
     try:
         write_file(final.with_name(f"{slide_path.stem}.overview.png"), overview.result())
         _write_contact_sheet(final, slide_path)
     except Exception as exc:
+        if is_interrupt(exc):
+            raise
         # The gallery is complete and whole by now; the pictures only help to look at it, so no
         # failure here (an unreadable thumbnail, a full disk, a codec error) may fail the slide.
         warnings.warn(f"{slide_path}: QC pictures not written ({exc})", UserWarning, stacklevel=2)

@@ -42,7 +42,7 @@ import numpy as np
 import openslide
 import tifffile
 
-from pipeline.errors import MppError, ParameterError, SlideError
+from pipeline.errors import MppError, ParameterError, SlideError, is_interrupt
 
 __all__ = ["MPP_RANGE_UM", "Slide", "SlideRef", "cached_slide", "open_slide"]
 
@@ -627,6 +627,8 @@ def _map_tiff_levels(path: Path, handle: openslide.OpenSlide) -> list[_SegmentLe
                 levels.append(_segment_level(page, page_index, fmt))
             white = _probed_white(tif.pages[levels[-1].page_index], levels[0].fmt.white)
     except Exception as exc:  # anything odd in the TIFF structure: OpenSlide is the reference reader
+        if is_interrupt(exc):  # Ctrl-C inside OpenSlide's ctypes calls arrives as ctypes.ArgumentError
+            raise KeyboardInterrupt(str(exc)) from exc
         _log.debug("%s: direct tile reading not possible (%s); using OpenSlide", path, exc)
         return None
     _check_complete(path, levels)

