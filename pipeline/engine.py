@@ -277,7 +277,8 @@ def compute_client(
     say
         Where to send one-line status messages (waiting for workers, dashboard address).
     preload
-        Modules local workers import as they start, before their first task arrives.
+        Modules local workers import as they start, before their first task arrives (besides
+        ``pipeline._local_worker``, which leaves Ctrl-C to the driver).
 
     Yields
     ------
@@ -344,7 +345,7 @@ def compute_client(
             processes=True,
             dashboard_address=":0",
             silence_logs=logging.ERROR,
-            preload=list(preload),
+            preload=["pipeline._local_worker", *preload],
         )
         # Not LocalCluster(n_workers=N), nor scale() before Client(), which both wait for every worker:
         # this way the workers start (and import the pipeline) while the driver plans the first slide,

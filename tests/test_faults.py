@@ -638,11 +638,16 @@ def test_disk_full_fails_clearly_and_leaves_nothing_complete(
 # --------------------------------------------------------------------------------------------------
 
 
-def start_run_and_wait_for_the_slide(slide: Path, out: Path, ignore_sighup: bool = False) -> subprocess.Popen:
-    """``run`` in a child process, returned once it is inside the slide (holds its lock or has a draft)."""
+def start_run_and_wait_for_the_slide(
+    slide: Path, out: Path, *, workers: int = 0, ignore_sighup: bool = False
+) -> subprocess.Popen:
+    """``run`` in a child process (its own process group), returned once it is inside the slide (holds
+    its lock or has a draft)."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "run", str(slide), "--out", str(out), "--workers", "0", "--quiet"],
+        [sys.executable, "-m", "pipeline", "run", str(slide), "--out", str(out), "--workers", str(workers),
+         "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(),
+        start_new_session=True,  # so that the test can signal the run's whole process group
         # as nohup does
         preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignore_sighup else None,
     )  # fmt: skip
@@ -650,7 +655,8 @@ def start_run_and_wait_for_the_slide(slide: Path, out: Path, ignore_sighup: bool
     # draft exists from detection to publication. Before that there is nothing to leave clean.
     lock, draft = lock_path_for(out / f"{slide.stem}.zarr"), partial_path_for(out / f"{slide.stem}.zarr")
     deadline = time.monotonic() + 120
-    while not (draft.exists() or read_lock(lock) is not None):
+    # With workers, wait for the draft (created after detection): by then the workers are running.
+    while not (draft.exists() or (workers == 0 and read_lock(lock) is not None)):
         assert proc.poll() is None, ("the run ended before it could be interrupted", proc.communicate())
         assert time.monotonic() < deadline, "the run never started the slide"
         time.sleep(0.01)
@@ -699,6 +705,18 @@ def test_ctrl_c_inside_exec_still_exits_with_130(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 130, (done.returncode, done.stderr)
     assert done.stderr.strip() == "interrupted: nothing unfinished was marked complete; re-run to resume"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no process groups")
+def test_ctrl_c_in_a_terminal_with_local_workers_prints_one_line(base: Any, tmp_path: Path) -> None:
+    """A terminal sends Ctrl-C to the whole process group: the local Dask workers get it too."""
+    out = tmp_path / "out"
+    proc = start_run_and_wait_for_the_slide(base.slide_path, out, workers=2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip() == "interrupted: nothing unfinished was marked complete; re-run to resume"
+    assert_failed_cleanly(out)
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="no SIGHUP on this platform")
