@@ -35,7 +35,7 @@ from hypothesis import strategies as st
 
 from pipeline.cli import main
 from pipeline.errors import GalleryError, PipelineError, SlideError
-from pipeline.gallery import is_complete, open_gallery, partial_path_for
+from pipeline.gallery import is_complete, open_gallery, partial_path_for, write_shard
 from pipeline.lock import gallery_lock, lock_path_for, read_lock
 from pipeline.runner import run_slide
 from pipeline.simulate import simulate_slide
@@ -785,6 +785,49 @@ def test_ctrl_c_at_any_stage_ends_the_run_as_interrupted_with_nothing_complete(
     code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(out), "--workers", "0")
     assert code == 0, err
     assert assert_whole(out / "base.zarr") > 0
+
+
+def test_ctrl_c_while_zarr_writes_leaves_no_draft(base: Any, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Ctrl-C ends zarr's wait for a write, not the write itself (it runs on zarr's IO thread): the
+    draft must be deleted only once that write is done, or the write puts files back into it."""
+    import asyncio
+
+    import zarr.core.sync as zarr_sync
+    from zarr.storage import LocalStore
+
+    real_set, real_wait, real_write_shard = LocalStore.set, zarr_sync.wait, write_shard
+    state = {"armed": False, "setting": False, "interrupted": False}
+
+    async def slow_set(self: LocalStore, *args: Any, **kwargs: Any) -> None:
+        if state["armed"]:
+            state["setting"] = True
+            await asyncio.sleep(0.3)
+        await real_set(self, *args, **kwargs)
+
+    def interrupted_wait(futures: Any, *args: Any, **kwargs: Any) -> Any:
+        # Ctrl-C lands while a shard is being stored (not while the array is opened).
+        if state["armed"] and not state["interrupted"]:
+            while not state["setting"]:
+                done, _ = real_wait(futures, timeout=0.01)
+                if done:
+                    return real_wait(futures, *args, **kwargs)
+            state["interrupted"] = True
+            raise KeyboardInterrupt
+        return real_wait(futures, *args, **kwargs)
+
+    def armed_write_shard(*args: Any, **kwargs: Any) -> Any:
+        state["armed"] = True
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(LocalStore, "set", slow_set)
+    monkeypatch.setattr(zarr_sync, "wait", interrupted_wait)
+    monkeypatch.setattr("pipeline.runner.write_shard", armed_write_shard)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(out), "--workers", "0")
+    assert state["interrupted"]
+    assert code == 130, err
+    time.sleep(0.6)  # a write that outlived the clean-up would have landed by now
+    assert_failed_cleanly(out)
 
 
 def test_ctrl_c_surfacing_as_another_error_is_an_interrupt_not_a_failed_slide(
