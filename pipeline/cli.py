@@ -351,20 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    shown = warnings.showwarning
-    if not args.debug:
-        warnings.showwarning = _show_warning_one_line
     clear_interrupt()
-    handlers = _interrupt_on_signals()
+    handlers = _interrupt_on_signals()  # first: building the parser imports modules, and takes time
+    shown = warnings.showwarning
+    args: argparse.Namespace | None = None
     try:
+        args = build_parser().parse_args(argv)
+        if not args.debug:
+            warnings.showwarning = _show_warning_one_line
         code = int(args.func(args))
         raise_if_interrupted()  # an interrupt that a callee swallowed still ends the command as one
         return code
     except (KeyboardInterrupt, Exception) as exc:
+        debug = args is not None and args.debug
         if is_interrupt(exc):
-            if args.debug and not isinstance(exc, KeyboardInterrupt):
+            if debug and not isinstance(exc, KeyboardInterrupt):
                 raise
             print("interrupted: nothing unfinished was marked complete; re-run to resume", file=sys.stderr)
             # CPython remembers a KeyboardInterrupt that escaped an exec() of a string (dataclass and
@@ -372,7 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             # with our exit code; any later exec() of a string clears that record.
             exec("pass")
             return 130
-        if args.debug:
+        if debug:
             raise
         print(f"error: {_one_line_error(exc)}", file=sys.stderr)
         return EXIT_FAILED

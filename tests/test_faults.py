@@ -729,6 +729,21 @@ def test_under_nohup_a_closed_terminal_does_not_stop_the_run(base: Any, tmp_path
     assert assert_whole(out / "base.zarr") > 0
 
 
+def test_ctrl_c_while_the_command_line_is_parsed_is_one_line(tmp_path: Path, capsys, monkeypatch) -> None:
+    import pipeline.cli as cli
+
+    real_build_parser = cli.build_parser
+
+    def interrupted_build_parser() -> Any:
+        signal.raise_signal(signal.SIGINT)  # as Ctrl-C while the parser imports the simulator presets
+        return real_build_parser()
+
+    monkeypatch.setattr(cli, "build_parser", interrupted_build_parser)
+    code, _, err = run_cli(capsys, "any.svs", "--out", str(tmp_path / "out"))
+    assert code == 130, err
+    assert err.strip() == "interrupted: nothing unfinished was marked complete; re-run to resume"
+
+
 def _ctrl_c_in_ctypes() -> None:
     """Ctrl-C while ctypes converts an argument: ctypes re-raises it as ``ctypes.ArgumentError``."""
     import ctypes
