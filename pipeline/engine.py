@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import ParameterError, PipelineError
+from .errors import ParameterError, PipelineError, interrupt_noted
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -350,13 +350,40 @@ def compute_client(
         # Not LocalCluster(n_workers=N), nor scale() before Client(), which both wait for every worker:
         # this way the workers start (and import the pipeline) while the driver plans the first slide,
         # and tasks wait for them (measured: 1.5 s less before the first slide starts).
-        client = Client(cluster)
-        cluster.scale(workers)
+        client = None
+        failed = False
         try:
+            client = Client(cluster)
+            cluster.scale(workers)
             yield client
+        except BaseException:
+            failed = True
+            raise
         finally:
-            client.close()
-            cluster.close()
+            # After a failure or Ctrl-C the cluster closes under workers that may still be starting;
+            # Dask and Tornado log each of those as an error with a traceback, which would bury the
+            # one-line message that matters.
+            with _dask_logs_silenced(failed):
+                if client is not None:
+                    client.close()
+                cluster.close()
+
+
+@contextmanager
+def _dask_logs_silenced(silence: bool) -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in ("distributed", "tornado", "tornado.application")]
+    levels = [logger.level for logger in loggers]
+    if silence:
+        for logger in loggers:
+            logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        # After Ctrl-C the command is ending, and some of those errors are logged only after close()
+        # returns: the logs stay quiet. Otherwise (a library caller's exception) they are restored.
+        if not interrupt_noted():
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
 
 
 def _connect(scheduler: str) -> Any:

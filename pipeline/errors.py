@@ -40,6 +40,11 @@ def note_interrupt() -> None:
     _INTERRUPTED.set()
 
 
+def interrupt_noted() -> bool:
+    """Whether :func:`note_interrupt` was called (since the last :func:`clear_interrupt`)."""
+    return _INTERRUPTED.is_set()
+
+
 def clear_interrupt() -> None:
     """Forget an earlier interrupt (at the start of a command)."""
     _INTERRUPTED.clear()
