@@ -21,8 +21,9 @@ import threading
 import time
 import traceback
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,9 @@ from tqdm import tqdm
 
 from ._files import atomic_path
 from .engine import compute_client, worker_count
-from .errors import ParameterError, PipelineError, is_interrupt
+from .errors import GalleryError, ParameterError, PipelineError, is_interrupt
+from .gallery import partial_path_for, remove_partial
+from .lock import gallery_lock
 from .runner import RunParams, gallery_path, run_slide
 
 #: File endings taken as slides when a folder is given (OpenSlide's formats and TIFF).
@@ -209,7 +212,10 @@ def run_batch(
     check_gallery_names(slides, out)
     if client is None and workers > 0:
         # One cluster for all slides: starting workers costs seconds, and slides share them.
-        with compute_client(workers, preload=("pipeline.runner",)) as own:
+        with (
+            drafts_removed_on_failure(slides, out),
+            compute_client(workers, preload=("pipeline.runner",)) as own,
+        ):
             return run_batch(
                 slides, out, params=params, mpp=mpp, client=own, workers=workers, overwrite=overwrite,
                 progress=progress, concurrent_slides=concurrent_slides,
@@ -295,6 +301,29 @@ def run_batch(
     batch_log.say(f"end: {len(slides) - failed} of {len(slides)} slides done or skipped, {failed} failed")
     batch_log.close()
     return [outcomes[str(s)] for s in slides]
+
+
+@contextmanager
+def drafts_removed_on_failure(slides: list[Path], out_dir: str | Path) -> Iterator[None]:
+    """On a failure or Ctrl-C, delete the slides' unfinished drafts once the ``with`` block has ended.
+
+    Enter it before the cluster: a task already running on a worker is not stopped by the interrupt
+    and may write into a draft until the cluster closes, after the slide deleted it. A draft whose
+    lock another live run holds is left alone: it is that run's.
+    """
+    try:
+        yield
+    except BaseException:
+        for slide in slides:
+            final = gallery_path(slide, out_dir)
+            if not partial_path_for(final).exists():
+                continue
+            try:
+                with gallery_lock(final):
+                    remove_partial(final)
+            except (GalleryError, OSError):
+                pass  # another run's draft, or an unwritable folder: the next run cleans up
+        raise
 
 
 class _Log:

@@ -174,7 +174,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
 def _cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from .batch import check_gallery_names, expand_slides, run_batch
+    from .batch import check_gallery_names, drafts_removed_on_failure, expand_slides, run_batch
     from .crop_presets import resolve_crop
     from .engine import compute_client, default_workers
     from .errors import ParameterError
@@ -196,14 +196,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.slides_at_once is not None and args.slides_at_once < 1:
         raise ParameterError(f"--slides-at-once must be 1 or more, got {args.slides_at_once}")
     # One cluster for all slides: starting workers costs seconds.
-    with compute_client(
-        workers,
-        args.scheduler,
-        slurm=slurm,
-        slurm_log_directory=str(Path(args.out) / "logs" / "slurm"),
-        say=lambda message: print(message, file=sys.stderr),
-        preload=("pipeline.runner",),
-    ) as client:
+    with (
+        drafts_removed_on_failure(slides, args.out),
+        compute_client(
+            workers,
+            args.scheduler,
+            slurm=slurm,
+            slurm_log_directory=str(Path(args.out) / "logs" / "slurm"),
+            say=lambda message: print(message, file=sys.stderr),
+            preload=("pipeline.runner",),
+        ) as client,
+    ):
         outcomes = run_batch(
             slides,
             args.out,
@@ -381,7 +384,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.showwarning = shown
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-        clear_interrupt()  # main() may be called again in this process (tests, notebooks)
+        # The interrupt record is kept (the next main() clears it): slide threads of a batch may still
+        # be running, and must stop at their next check instead of finishing their slide.
 
 
 def _one_line_error(exc: BaseException) -> str:

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .errors import ParameterError, PipelineError, interrupt_noted
+from .errors import ParameterError, PipelineError, interrupt_noted, raise_if_interrupted
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -487,6 +487,7 @@ def ordered_map(
     """
     if client is None:
         for item in items:
+            raise_if_interrupted()  # a slide thread of an interrupted batch stops here
             yield fn(item, *args)
         return
     # Not client.scatter: scattered data whose worker dies is lost for good (the scheduler cannot

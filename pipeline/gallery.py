@@ -728,11 +728,6 @@ def wait_for_pending_writes(timeout_s: float = 10.0) -> None:
     """
     import asyncio
 
-    from zarr.core import sync as zarr_sync
-
-    if zarr_sync.loop[0] is None:  # zarr has done no IO in this process
-        return
-
     async def _drain() -> None:
         current = asyncio.current_task()
         pending = [task for task in asyncio.all_tasks() if task is not current]
@@ -740,6 +735,10 @@ def wait_for_pending_writes(timeout_s: float = 10.0) -> None:
             await asyncio.wait(pending, timeout=timeout_s)
 
     try:
+        from zarr.core import sync as zarr_sync  # zarr's own IO loop (not public API)
+
+        if zarr_sync.loop[0] is None:  # zarr has done no IO in this process
+            return
         zarr_sync.sync(_drain(), timeout=timeout_s + 1.0)
     except Exception as exc:  # best effort: a leftover draft is removed by the next run anyway
         warnings.warn(f"pending gallery writes not confirmed finished: {exc}", RuntimeWarning, stacklevel=2)

@@ -133,11 +133,11 @@ def gallery_lock(final_path: str | os.PathLike[str]) -> Iterator[LockInfo]:
         cannot be created (e.g. the folder is not writable).
     """
     lock = lock_path_for(final_path)
+    stop = threading.Event()
+    heartbeat: threading.Thread | None = None
     mine = _acquire(lock, Path(final_path))
     # Everything after the lock exists is inside ``try``: Ctrl-C while the heartbeat thread starts
     # (``start()`` waits for it) must still release the lock.
-    stop = threading.Event()
-    heartbeat: threading.Thread | None = None
     try:
         heartbeat = threading.Thread(
             target=_refresh, args=(lock, mine, stop), daemon=True, name="gallery-lock"

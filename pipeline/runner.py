@@ -444,8 +444,10 @@ def run_slide(
             # The next run deletes a leftover draft anyway; deleting it now frees the space at once,
             # which matters when the disk is full. An interrupted wait leaves zarr's writes running on
             # its IO thread, and they would put files back into the deleted draft.
-            wait_for_pending_writes()
-            shutil.rmtree(partial_path_for(final), ignore_errors=True)
+            try:
+                wait_for_pending_writes()
+            finally:  # a second Ctrl-C during the wait
+                shutil.rmtree(partial_path_for(final), ignore_errors=True)
             os_error = _os_error_in(exc, Path(out_dir))
             if os_error is not None:
                 raise GalleryError(_write_error_message(Path(slide_path), final, os_error)) from exc

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.batch import expand_slides, run_batch
+from pipeline.batch import drafts_removed_on_failure, expand_slides, run_batch
 from pipeline.errors import ParameterError
 from pipeline.gallery import is_complete, open_gallery, partial_path_for
 from pipeline.runner import RunParams
@@ -205,3 +205,23 @@ def test_driver_keeps_nothing_per_slide_and_reader_caches_are_capped(tiny_slide,
     assert left_behind < LEFT_BEHIND_MAX_BYTES, (
         f"{left_behind / 2**20:.2f} MB left behind by {len(outcomes)} slides, mostly: {sources}"
     )
+
+
+def test_drafts_are_removed_after_a_failure_unless_another_run_holds_them(tmp_path: Path) -> None:
+    """Workers may write into a slide's draft until the cluster closes, after the slide deleted it."""
+    from pipeline.lock import gallery_lock
+
+    out = tmp_path / "out"
+    mine, theirs = partial_path_for(out / "mine.zarr"), partial_path_for(out / "theirs.zarr")
+    for draft in (mine, theirs):
+        (draft / "images" / "c").mkdir(parents=True)
+    slides = [tmp_path / "mine.svs", tmp_path / "theirs.svs", tmp_path / "never_started.svs"]
+    with gallery_lock(out / "theirs.zarr"), pytest.raises(KeyboardInterrupt):
+        with drafts_removed_on_failure(slides, out):
+            raise KeyboardInterrupt
+    assert not mine.exists()
+    assert theirs.exists()  # its lock is held by a live run
+    assert sorted(p.name for p in out.iterdir()) == [".theirs.zarr.partial"]  # and no lock left behind
+    with drafts_removed_on_failure(slides, out):
+        pass  # no failure: nothing is touched
+    assert theirs.exists()

@@ -845,6 +845,38 @@ def test_ctrl_c_while_zarr_writes_leaves_no_draft(base: Any, tmp_path: Path, cap
     assert_failed_cleanly(out)
 
 
+def test_ctrl_c_stops_slides_running_in_other_threads(base: Any, tmp_path: Path, capsys, monkeypatch) -> None:
+    """With slides in flight in driver threads, Ctrl-C ends the command at once; the threads must stop
+    at their next check, not finish their slides and mark them complete after the interrupt."""
+    import threading
+
+    import pipeline.runner as runner
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("one", "two"):
+        shutil.copy(base.slide_path, slides / f"{name}.svs")
+    real_judge, lock = runner.judge, threading.Lock()
+    sent = []
+
+    def judge_then_ctrl_c(*args: Any, **kwargs: Any) -> Any:
+        with lock:
+            if not sent:
+                sent.append(1)
+                # As a terminal's Ctrl-C: sent to the process (raise_signal targets this thread only).
+                os.kill(os.getpid(), signal.SIGINT)
+        return real_judge(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "judge", judge_then_ctrl_c)
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, str(slides), "--out", str(out), "--slides-at-once", "2")
+    assert code == 130, err
+    for thread in threading.enumerate():
+        if thread.name.startswith("slide"):
+            thread.join(timeout=60)
+    assert_failed_cleanly(out)
+
+
 def test_ctrl_c_surfacing_as_another_error_is_an_interrupt_not_a_failed_slide(
     base: Any, tmp_path: Path, capsys, monkeypatch
 ) -> None:
