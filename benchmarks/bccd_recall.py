@@ -47,6 +47,7 @@ import cv2
 import numpy as np
 
 from pipeline.segment import SegmentParams, SlideStains, estimate_slide_stains, required_halo_um, segment
+from pipeline.simulate.svs import write_svs
 
 BCCD_MPP = 0.072  # from the median red-cell box (DESIGN-NOTES, data/bccd/SOURCE.md)
 DEFAULT_BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
@@ -329,25 +330,6 @@ def build_mosaic(
             placed.append(Box(name, x0 + bx0 * scale, y0 + by0 * scale, x0 + bx1 * scale, y0 + by1 * scale))
     write_svs(mosaic, out, mpp)
     return placed
-
-
-def write_svs(image: np.ndarray, out: Path, mpp: float) -> None:
-    """Write an RGB array as an Aperio SVS with a 4x pyramid (in memory: for small images)."""
-    from pipeline.simulate.svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, thumbnail_from, tiles_of
-
-    h, w = image.shape[:2]
-    sizes = pyramid_sizes(w, h)
-    levels = [image]
-    for _ in sizes[1:]:
-        prev = levels[-1]
-        levels.append(cv2.resize(prev, (math.ceil(prev.shape[1] / 4), math.ceil(prev.shape[0] / 4)),
-                                 interpolation=cv2.INTER_AREA))  # fmt: skip
-    with SvsWriter(out, w, h, mpp) as svs:
-        svs.write_level0(encode_tile(t) for t in tiles_of(image))
-        svs.write_thumbnail(thumbnail_from(levels[-1]))
-        for level in levels[1:]:
-            svs.write_level(tiles_of(level), (level.shape[1], level.shape[0]))
-    assert TILE_PX == 256
 
 
 def recall(boxes: list[Box], x_px: np.ndarray, y_px: np.ndarray) -> tuple[int, list[Box]]:

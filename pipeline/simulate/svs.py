@@ -153,3 +153,35 @@ def thumbnail_from(level: np.ndarray, max_px: int = 1024) -> np.ndarray:
     scale = min(1.0, max_px / max(h, w))
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     return cv2.resize(level, size, interpolation=cv2.INTER_AREA)
+
+
+def write_svs(image: np.ndarray, path: str | Path, mpp: float, quality: int = JPEG_QUALITY) -> None:
+    """Write an in-memory RGB image as an Aperio SVS with a 4x pyramid and a thumbnail.
+
+    For small images (tests, benchmarks, mosaics of photographs): every level is held in memory.
+
+    Parameters
+    ----------
+    image
+        RGB uint8 ``(h, w, 3)``.
+    path
+        Output ``.svs`` path.
+    mpp
+        Level-0 pixel size, um/px (written as the Aperio ``MPP`` and its ``AppMag``).
+    quality
+        JPEG quality of the tiles.
+    """
+    image = np.ascontiguousarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"write_svs needs an (h, w, 3) uint8 image, got {image.shape} {image.dtype}")
+    h, w = image.shape[:2]
+    levels = [image]
+    for _ in pyramid_sizes(w, h)[1:]:
+        prev = levels[-1]
+        size = (math.ceil(prev.shape[1] / 4), math.ceil(prev.shape[0] / 4))
+        levels.append(cv2.resize(prev, size, interpolation=cv2.INTER_AREA))
+    with SvsWriter(path, w, h, mpp, quality) as svs:
+        svs.write_level0(encode_tile(t, quality) for t in tiles_of(image))
+        svs.write_thumbnail(thumbnail_from(levels[-1]))
+        for level in levels[1:]:
+            svs.write_level(tiles_of(level), (level.shape[1], level.shape[0]))
