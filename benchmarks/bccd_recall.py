@@ -18,9 +18,9 @@ The stain statistics of each split are estimated from that split's own photograp
 from its own sample windows), and also from each photograph alone (``per-photo``: a 46 x 35 um window
 at 1 um/px, a harsh test of the estimator).
 
-``--mosaic`` runs the whole pipeline instead (photographs resampled to 0.25 um/px, tiled into an Aperio
-SVS, ``run_slide``). ``--speed`` times :func:`~pipeline.segment.segment` on a 4096 x 4096 px overview
-tiled from the photographs.
+The whole pipeline on real photographs (BCCD and three more labs, tiled into slides) is
+``benchmarks/real_smears.py``. ``--speed`` times :func:`~pipeline.segment.segment` on a 4096 x 4096 px
+overview tiled from the photographs.
 
 Usage (from the repository root)::
 
@@ -29,7 +29,6 @@ Usage (from the repository root)::
     python -m benchmarks.bccd_recall --mpp 1.0 --stain 0.5 0.5 0.5    # a paler lab
     python -m benchmarks.bccd_recall --mpp 1.0 --stain 0.5 0.5 0.5 --threshold 0.12   # fixed threshold
     python -m benchmarks.bccd_recall --speed
-    python -m benchmarks.bccd_recall --mosaic --every 2 --offset 1   # end to end, odd-numbered images
 """
 
 from __future__ import annotations
@@ -47,22 +46,10 @@ import cv2
 import numpy as np
 
 from pipeline.segment import SegmentParams, SlideStains, estimate_slide_stains, required_halo_um, segment
-from pipeline.simulate.svs import write_svs
 
 BCCD_MPP = 0.072  # from the median red-cell box (DESIGN-NOTES, data/bccd/SOURCE.md)
 DEFAULT_BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 SPLITS = {"tune (even)": 0, "held out (odd)": 1}
-
-
-@dataclass(frozen=True)
-class Box:
-    """A white-cell box in mosaic level-0 pixels."""
-
-    image: str
-    x0: float
-    y0: float
-    x1: float
-    y1: float
 
 
 @dataclass(frozen=True)
@@ -303,73 +290,6 @@ def run_speed(bccd: Path, mpp: float = 1.0, size_px: int = 4096, repeats: int = 
         )
 
 
-# ------------------------------------------------------------------ end to end on a mosaic slide
-def build_mosaic(
-    bccd: Path, out: Path, *, mpp: float = 0.25, every: int = 1, offset: int = 0, columns: int = 16
-) -> list[Box]:
-    """Write BCCD photographs as one Aperio SVS mosaic at ``mpp``; return the white-cell boxes."""
-    images = sorted((bccd / "JPEGImages").glob("*.jpg"))[offset::every]
-    scale = BCCD_MPP / mpp
-    tiles, boxes = [], []
-    for path in images:
-        rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
-        small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
-        tiles.append(small)
-        xml = bccd / "Annotations" / (path.stem + ".xml")
-        boxes.append([(path.stem, *b) for b in _wbc_boxes(xml)] if xml.exists() else [])
-    th = max(t.shape[0] for t in tiles)
-    tw = max(t.shape[1] for t in tiles)
-    rows = math.ceil(len(tiles) / columns)
-    mosaic = np.full((rows * th, columns * tw, 3), 255, np.uint8)
-    placed: list[Box] = []
-    for k, (tile, tile_boxes) in enumerate(zip(tiles, boxes, strict=True)):
-        r, c = divmod(k, columns)
-        y0, x0 = r * th, c * tw
-        mosaic[y0 : y0 + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
-        for name, bx0, by0, bx1, by1 in tile_boxes:
-            placed.append(Box(name, x0 + bx0 * scale, y0 + by0 * scale, x0 + bx1 * scale, y0 + by1 * scale))
-    write_svs(mosaic, out, mpp)
-    return placed
-
-
-def recall(boxes: list[Box], x_px: np.ndarray, y_px: np.ndarray) -> tuple[int, list[Box]]:
-    """Boxes with at least one candidate centre inside, and the list of missed boxes."""
-    found = 0
-    missed = []
-    for box in boxes:
-        inside = (x_px >= box.x0) & (x_px <= box.x1) & (y_px >= box.y0) & (y_px <= box.y1)
-        if inside.any():
-            found += 1
-        else:
-            missed.append(box)
-    return found, missed
-
-
-def run_mosaic(bccd: Path, every: int, offset: int, workers: int) -> None:
-    """The whole pipeline on a mosaic slide of the photographs."""
-    from pipeline.gallery import open_gallery
-    from pipeline.runner import run_slide
-
-    with tempfile.TemporaryDirectory() as tmp:
-        slide = Path(tmp) / "bccd_mosaic.svs"
-        boxes = build_mosaic(bccd, slide, every=every, offset=offset)
-        result = run_slide(slide, Path(tmp) / "out", workers=workers, progress=False)
-        gallery = open_gallery(result.gallery)
-        c = gallery.candidates
-        found, missed = recall(boxes, c["x_px"].to_numpy(), c["y_px"].to_numpy())
-        accepted = c[c["accepted"]]
-        found_acc, _ = recall(boxes, accepted["x_px"].to_numpy(), accepted["y_px"].to_numpy())
-        stains = gallery.attrs["estimate"]["stains"]
-    print(f"images: every {every} from {offset}; white-cell boxes: {len(boxes)}")
-    print(
-        f"candidates: {len(c)}; boxes found by a candidate: {found}/{len(boxes)} = {found / len(boxes):.1%}"
-    )
-    print(f"accepted: {len(accepted)}; boxes found by an accepted cell: {found_acc}/{len(boxes)}")
-    print(f"stain estimate: {stains}")
-    if missed:
-        print("missed:", ", ".join(b.image for b in missed))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bccd", type=Path, default=DEFAULT_BCCD)
@@ -382,15 +302,9 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--threshold", type=float, default=None, help="a fixed threshold (OD) instead")
     parser.add_argument("--speed", action="store_true", help="time segment() instead")
-    parser.add_argument("--mosaic", action="store_true", help="run the whole pipeline on a mosaic slide")
-    parser.add_argument("--every", type=int, default=1, help="--mosaic: every n-th photograph")
-    parser.add_argument("--offset", type=int, default=0, help="--mosaic: first photograph")
-    parser.add_argument("--workers", type=int, default=2, help="--mosaic: dask workers")
     args = parser.parse_args()
     if args.speed:
         run_speed(args.bccd)
-    elif args.mosaic:
-        run_mosaic(args.bccd, args.every, args.offset, args.workers)
     else:
         params = SegmentParams(threshold=args.threshold)
         run_recall(args.bccd, args.mpp, args.bccd_mpp, args.missed, params, tuple(args.stain))

@@ -42,7 +42,7 @@ from .runner import RunParams, gallery_path, run_slide
 SLIDE_SUFFIXES = frozenset(
     {".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm", ".qptiff"}
 )
-BATCH_FIELDS = ("slide", "status", "cells", "candidates", "seconds", "error")
+BATCH_FIELDS = ("slide", "status", "cells", "candidates", "seconds", "error", "warnings")
 #: Most slides in flight at once: each holds a thumbnail and its tables on the driver.
 MAX_SLIDES_IN_FLIGHT = 8
 
@@ -57,6 +57,7 @@ class SlideOutcome:
     candidates: int
     seconds: float
     error: str
+    warnings: str = ""  # what the run found unusual, "; "-separated
 
 
 def expand_slides(specs: Iterable[str]) -> list[Path]:
@@ -251,8 +252,9 @@ def run_batch(
                     overwrite=overwrite, progress=progress and single, log=log.say,
                 )  # fmt: skip
                 outcome = SlideOutcome(
-                    str(slide), result.status, result.cells, result.candidates, round(result.seconds, 2), ""
-                )
+                    str(slide), result.status, result.cells, result.candidates, round(result.seconds, 2), "",
+                    "; ".join(result.warnings),
+                )  # fmt: skip
                 if result.status == "done":
                     log.say(f"stage timings (s): {_timings(result.gallery)}")
             except Exception as exc:  # a failed slide must not stop the batch

@@ -46,7 +46,7 @@ from .gallery import (
 )
 from .lock import gallery_lock
 from .qc import contact_sheet, overview_picture, png_bytes, write_file, write_png
-from .quality import QualityParams, judge, neighbour_gaps_um, ring_features
+from .quality import QualityParams, judge, neighbour_gaps_um, red_cell_layers, ring_features, slide_density
 from .relocate import (
     CropParams,
     Refined,
@@ -59,13 +59,13 @@ from .relocate import (
     search_window_half_um,
 )
 from .segment import (
-    STATS_STRIDE,
     SegmentParams,
     SlideStains,
     estimate_slide_stains,
     optical_density,
     required_halo_um,
     segment,
+    stain_warnings,
 )
 from .slide import SlideRef, cached_slide, open_slide
 
@@ -76,6 +76,10 @@ OVERVIEW_MPP = 1.0
 BLANK_MAX_OD_SUM = 0.18
 #: A native pyramid level within this factor of OVERVIEW_MPP is used as it is (no resampling).
 NATIVE_LEVEL_TOLERANCE = 1.35
+#: A slide whose typical field is denser than this (red-cell layers) shows no readable monolayer.
+MAX_TYPICAL_DENSITY = 2.0
+#: A slide with stain on more than this fraction of its sampled pixels should yield candidates.
+MIN_STAINED_FRACTION = 0.02
 #: Driver-side work that overlaps the workers' (it only draws QC pictures).
 _BACKGROUND = ThreadPoolExecutor(max_workers=2, thread_name_prefix="qc")
 
@@ -141,10 +145,19 @@ class Plan:
 
 @dataclass(frozen=True)
 class SlideEstimate:
-    """Slide-level statistics estimated once from sample windows."""
+    """Slide-level statistics estimated once from sample windows.
+
+    Attributes
+    ----------
+    stains
+        Glass white, stain directions, red-cell OD and threshold
+        (:func:`~pipeline.segment.estimate_slide_stains`).
+    density
+        The slide's typical density in red-cell layers (:func:`~pipeline.quality.slide_density`).
+    """
 
     stains: SlideStains
-    red_cell_od: float
+    density: float
 
 
 @dataclass(frozen=True)
@@ -157,6 +170,7 @@ class RunResult:
     cells: int
     candidates: int
     seconds: float
+    warnings: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------------------ plan
@@ -290,13 +304,17 @@ def _far_apart(windows: list[tuple[int, int, int, int]], n: int) -> list[tuple[i
 
 def _estimate_task(windows: list[tuple[int, int, int, int]], plan: Plan) -> SlideEstimate:
     samples = [_read_overview(plan, *window) for window in windows]
-    stains = estimate_slide_stains(samples, plan.overview_mpp, plan.params.segment)
-    pixels = np.concatenate([s[::STATS_STRIDE, ::STATS_STRIDE].reshape(-1, 3) for s in samples])
-    od = cv2.LUT(pixels[None], od_table(stains.white_rgb)).sum(axis=-1)[0]
-    # Red cells dominate stained pixels; the quality ring measures stain relative to them.
-    stained = od[(od > 0.12) & (od < np.percentile(od, 99.5))]
-    red_cell_od = float(np.median(stained)) if stained.size > 100 else 0.4
-    return SlideEstimate(stains, red_cell_od)
+    params = plan.params
+    stains = estimate_slide_stains(samples, plan.overview_mpp, params.segment)
+    layers = [
+        red_cell_layers(
+            optical_density(s, plan.overview_mpp, params.segment, stains),
+            stains.red_cell_direction,
+            stains.red_cell_od,
+        )
+        for s in samples
+    ]
+    return SlideEstimate(stains, slide_density(layers, plan.overview_mpp, params.quality))
 
 
 # -------------------------------------------------------------------------------------- detection
@@ -318,11 +336,14 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     cx, cy = cx[core], cy[core]
     if objects.empty:
         return _empty_candidates()
-    od_sum = od.sum(axis=-1)
+    layers = red_cell_layers(od, estimate.stains.red_cell_direction, estimate.stains.red_cell_od)
     radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
-    ring = ring_features(
-        od_sum, labels, cx, cy, radius_px, plan.overview_mpp, estimate.red_cell_od, params.quality
-    )
+    ring = ring_features(layers, labels, cx, cy, radius_px, plan.overview_mpp, params.quality)
+    # Objects reaching the edge of the scanned image are cut: part of the cell lies outside it.
+    width, height = plan.overview_size
+    gx0, gy0 = objects["x0"].to_numpy() + x0 - halo, objects["y0"].to_numpy() + y0 - halo
+    gx1, gy1 = objects["x1"].to_numpy() + x0 - halo, objects["y1"].to_numpy() + y0 - halo
+    cut = (gx0 <= 0) | (gy0 <= 0) | (gx1 >= width) | (gy1 >= height)
     out = pd.DataFrame(
         {
             "x_px": (x0 - halo + cx) * plan.scale,
@@ -334,13 +355,15 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
         # The bounding box is in tile pixels: it would differ between tilings.
         if column not in ("x_px", "y_px", "area_um2", "y0", "x0", "y1", "x1"):
             out[column] = objects[column].to_numpy()
-    out["coverage"] = ring["coverage"].to_numpy()
-    out["overlap"] = ring["overlap"].to_numpy()
+    for column in ring.columns:
+        out[column] = ring[column].to_numpy()
+    out["cut"] = cut
     return out
 
 
 def _empty_candidates() -> pd.DataFrame:
-    return pd.DataFrame({c: np.zeros(0) for c in ("x_px", "y_px", "area_um2", "coverage", "overlap")})
+    columns = ("x_px", "y_px", "area_um2", "coverage", "layers", "stacked")
+    return pd.DataFrame({**{c: np.zeros(0) for c in columns}, "cut": np.zeros(0, bool)})
 
 
 def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
@@ -514,7 +537,8 @@ def _run_slide_locked(
     final = gallery_path(slide_path, out_dir)
     if is_complete(final) and not overwrite:
         gallery = open_gallery(final)
-        return RunResult(slide_path, final, "skipped", len(gallery), len(gallery.candidates), 0.0)
+        notes = tuple(gallery.attrs.get("warnings", ()))
+        return RunResult(slide_path, final, "skipped", len(gallery), len(gallery.candidates), 0.0, notes)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
     timings: dict[str, float] = {}
@@ -546,14 +570,19 @@ def _run_slide_locked(
                 progress=progress,
             )
         with _stage(timings, "quality"):
-            candidates = _assemble_candidates(parts, plan)
+            candidates = _assemble_candidates(parts, plan, estimate)
         with _stage(timings, "relocate"):
             candidates = _relocate(engine, candidates, plan, estimate, progress, slide_path.name)
+        notes = slide_warnings(estimate, len(candidates))
+        for note in notes:
+            warnings.warn(f"{slide_path}: {note}", UserWarning, stacklevel=2)
+            say(f"warning: {note}")
         accepted = candidates[candidates["accepted"]].copy()
         cells = _cells_table(accepted, candidates, plan)
         candidates["cell_index"] = -1
         candidates.loc[accepted.index, "cell_index"] = np.arange(len(accepted))
         attrs = _attrs(plan, estimate, candidates, tiles, blank)
+        attrs["warnings"] = list(notes)
         # The overview picture needs only the candidates: the driver draws it while workers cut crops.
         overview = _BACKGROUND.submit(_overview_png, plan, candidates.copy())
         with _stage(timings, "crops"):
@@ -589,7 +618,33 @@ def _run_slide_locked(
         warnings.warn(f"{slide_path}: QC pictures not written ({exc})", UserWarning, stacklevel=2)
         say(f"QC pictures not written: {exc}")
     say(f"{slide_path.name}: {len(cells)} cells from {len(candidates)} candidates -> {final}")
-    return RunResult(slide_path, final, "done", len(cells), len(candidates), time.perf_counter() - started)
+    return RunResult(
+        slide_path, final, "done", len(cells), len(candidates), time.perf_counter() - started, tuple(notes)
+    )
+
+
+def slide_warnings(estimate: SlideEstimate, n_candidates: int) -> list[str]:
+    """What a user should know about a slide's estimate and result (empty when nothing is unusual).
+
+    Parameters
+    ----------
+    estimate
+        The slide's estimate.
+    n_candidates
+        How many candidates detection found.
+    """
+    notes = stain_warnings(estimate.stains)
+    if estimate.density > MAX_TYPICAL_DENSITY:
+        notes.append(
+            f"the typical field is {estimate.density:.1f} red cells thick: the samples show no readable "
+            "monolayer, so thick zones are judged against a thick smear"
+        )
+    if n_candidates == 0 and estimate.stains.stained_fraction > MIN_STAINED_FRACTION:
+        notes.append(
+            f"stain covers {estimate.stains.stained_fraction:.0%} of the sampled slide, yet no white-cell "
+            "candidate was found; check the overview picture and the estimate in the gallery's attrs"
+        )
+    return notes
 
 
 @contextmanager
@@ -620,7 +675,7 @@ def _map_stage(
     return results
 
 
-def _assemble_candidates(parts: list[pd.DataFrame], plan: Plan) -> pd.DataFrame:
+def _assemble_candidates(parts: list[pd.DataFrame], plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
     """All candidates in a tiling-independent order, with neighbour features and a first judgement."""
     parts = [p for p in parts if len(p)]
     candidates = pd.concat(parts, ignore_index=True) if parts else _empty_candidates()
@@ -631,7 +686,7 @@ def _assemble_candidates(parts: list[pd.DataFrame], plan: Plan) -> pd.DataFrame:
         candidates["x_px"].to_numpy(float) * mpp0, candidates["y_px"].to_numpy(float) * mpp0, radius_um
     )
     candidates["blur_um"] = np.nan
-    verdict = judge(candidates, plan.params.quality)
+    verdict = judge(candidates, plan.params.quality, estimate.density)
     return candidates.join(verdict)
 
 
@@ -652,7 +707,7 @@ def _relocate(
         candidates.loc[moved.index, ["x_px", "y_px", "blur_um", "relocated"]] = moved[
             ["x_px", "y_px", "blur_um", "relocated"]
         ]
-    verdict = judge(candidates, plan.params.quality)
+    verdict = judge(candidates, plan.params.quality, estimate.density)
     candidates[["quality", "accepted", "reason"]] = verdict[["quality", "accepted", "reason"]]
     candidates["padded"] = [
         is_padded(x, y, plan.mpp0, plan.params.crop, plan.dimensions)
@@ -704,7 +759,7 @@ def _attrs(
         },
         "estimate": {
             "stains": asdict(estimate.stains),
-            "red_cell_od": estimate.red_cell_od,
+            "density_layers": estimate.density,
         },
         "counts": {
             "candidates": len(candidates),

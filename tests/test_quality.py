@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import ParameterError
-from pipeline.quality import REASONS, QualityParams, judge, neighbour_gaps_um, ring_features
+from pipeline.quality import (
+    REASONS,
+    QualityParams,
+    judge,
+    neighbour_gaps_um,
+    red_cell_layers,
+    ring_features,
+    slide_density,
+)
 
 
 def _disc(shape, cx, cy, r):
@@ -17,34 +25,74 @@ def _disc(shape, cx, cy, r):
     return (xx + 0.5 - cx) ** 2 + (yy + 0.5 - cy) ** 2 < r * r
 
 
-def test_ring_coverage_separates_glass_from_a_carpet_of_red_cells():
-    params = QualityParams()
-    mpp, red = 1.0, 0.4
+def _ring(layers, labels, params=None):
+    params = params or QualityParams()
+    return ring_features(layers, labels, np.array([40.0]), np.array([40.0]), np.array([6.0]), 1.0, params)
+
+
+def test_ring_layers_count_red_cells_and_leave_other_objects_out():
     shape = (80, 80)
     cell = _disc(shape, 40, 40, 6)
     labels = cell.astype(np.int32)
-    sparse = np.where(cell, 1.5, 0.0).astype(np.float32)  # the cell alone on glass
-    carpet = np.where(cell, 1.5, red).astype(np.float32)  # every ring pixel is a red cell
-    stacked = np.where(cell, 1.5, 2 * red).astype(np.float32)  # red cells on top of each other
-    args = (np.array([40.0]), np.array([40.0]), np.array([6.0]), mpp, red, params)
-    glass = ring_features(sparse, labels, *args)
-    thick = ring_features(carpet, labels, *args)
-    double = ring_features(stacked, labels, *args)
-    assert glass.coverage[0] == 0.0 and glass.overlap[0] == 0.0
-    assert thick.coverage[0] == 1.0 and thick.overlap[0] == 0.0
-    assert double.overlap[0] == 1.0
+    glass = _ring(np.where(cell, 3.0, 0.0).astype(np.float32), labels)
+    carpet = _ring(np.where(cell, 3.0, 1.0).astype(np.float32), labels)  # touching single red cells
+    stacked = _ring(np.where(cell, 3.0, 2.0).astype(np.float32), labels)  # two layers everywhere
+    assert glass.layers[0] == 0.0 and glass.coverage[0] == 0.0 and glass.stacked[0] == 0.0
+    assert carpet.layers[0] == pytest.approx(1.0) and carpet.coverage[0] == 1.0 and carpet.stacked[0] == 0.0
+    assert stacked.layers[0] == pytest.approx(2.0) and stacked.stacked[0] == 1.0
+    # a dense neighbour object in the ring is stain for coverage but not red cells for layers
+    labels2 = labels.copy()
+    labels2[_disc(shape, 52, 40, 4)] = 2
+    other = _ring(np.where(labels2 > 0, 3.0, 0.0).astype(np.float32), labels2)
+    assert 0 < other.coverage[0] < 0.5 and other.layers[0] == 0.0
 
 
-def test_ring_counts_other_objects_as_stained_but_not_as_overlap():
+def test_red_cell_layers_are_od_along_the_red_cell_direction_in_single_cells():
+    direction = np.array([0.45, 0.75, 0.49])
+    unit = direction / np.linalg.norm(direction)
+    od = np.zeros((2, 2, 3), np.float32)
+    od[0, 0] = 0.2 * unit  # one red cell
+    od[0, 1] = 0.4 * unit  # two stacked
+    od[1, 0] = -0.1 * unit  # below the white: glass
+    layers = red_cell_layers(od, direction * 3, 0.2)
+    assert layers[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert layers[0, 1] == pytest.approx(2.0, abs=1e-5)
+    assert layers[1, 0] == 0.0 and layers[1, 1] == 0.0
+
+
+def test_slide_density_is_the_median_of_stained_blocks():
+    params = QualityParams(density_block_um=10.0)
+    a = np.zeros((40, 40), np.float32)
+    a[:20] = 0.8  # half of the window: a monolayer
+    a[20:30] = 2.4  # a quarter: a thick zone
+    density = slide_density([a], 1.0, params)  # glass blocks do not count
+    assert density == pytest.approx(0.8)
+    assert math.isnan(slide_density([np.zeros((40, 40), np.float32)], 1.0, params))
+
+
+def test_a_crowded_monolayer_is_kept_and_a_field_much_denser_than_the_slide_is_not():
     params = QualityParams()
-    shape = (80, 80)
-    labels = np.zeros(shape, np.int32)
-    labels[_disc(shape, 40, 40, 6)] = 1
-    labels[_disc(shape, 52, 40, 4)] = 2  # a neighbour inside the ring
-    od = np.where(labels > 0, 1.5, 0.0).astype(np.float32)
-    ring = ring_features(od, labels, np.array([40.0]), np.array([40.0]), np.array([6.0]), 1.0, 0.4, params)
-    assert 0 < ring.coverage[0] < 0.5
-    assert ring.overlap[0] == 0.0
+    table = pd.DataFrame(
+        {
+            # a ring of touching single red cells (1.0) on a slide whose typical field is 0.9 layers,
+            # as the real photographs are; then red cells stacked 2.5 deep on the same slide
+            "layers": [1.0, 2.5, 1.0, 1.0, 1.0, 1.0, np.nan],
+            "gap_um": [30.0, 30.0, -2.0, 30.0, 30.0, 0.5, np.inf],
+            "blur_um": [0.3, 0.3, 0.3, 2.0, 0.3, 0.3, np.nan],
+            "cut": [False, False, False, False, True, False, False],
+        }
+    )
+    verdict = judge(table, params, density=0.9)
+    assert verdict.reason.tolist() == ["", "thick_zone", "touching", "out_of_focus", "cut", "touching", ""]
+    assert verdict.accepted.tolist() == [True, False, False, False, False, False, True]
+    assert verdict.density_ratio[0] == pytest.approx(1.0 / 0.9)
+    assert verdict.quality[0] > 0.9
+    assert (verdict.quality[1:6] < 0.5).all()
+    assert set(verdict.reason) <= {"", *REASONS}
+    # the same ring on a sparse slide (typical 0.3 layers) is more than 2.5 times as dense: thick zone
+    assert judge(table.iloc[:1], params, density=0.3).reason.tolist() == ["thick_zone"]
+    # no density (blank glass): not judged on it
+    assert judge(table.iloc[1:2], params).reason.tolist() == [""]
 
 
 def test_neighbour_gaps_are_edge_to_edge_in_um():
@@ -57,34 +105,10 @@ def test_neighbour_gaps_are_edge_to_edge_in_um():
     assert math.isinf(neighbour_gaps_um(np.array([1.0]), np.array([1.0]), np.array([3.0]))[0])
 
 
-def test_judge_names_the_first_failed_limit_and_scores_margins():
-    params = QualityParams()
-    table = pd.DataFrame(
-        {
-            "coverage": [0.3, 0.95, 0.3, 0.3, 0.3, 0.95, np.nan],
-            "overlap": [0.0, 0.0, 0.5, 0.0, 0.0, 0.5, np.nan],
-            "gap_um": [30.0, 30.0, 30.0, -2.0, 30.0, -2.0, np.inf],
-            "blur_um": [0.3, 0.3, 0.3, 0.3, 2.0, 2.0, np.nan],
-        }
-    )
-    verdict = judge(table, params)
-    assert verdict.reason.tolist() == [
-        "",
-        "thick_zone",
-        "overlapping",
-        "touching",
-        "out_of_focus",
-        "thick_zone",
-        "",
-    ]
-    assert verdict.accepted.tolist() == [True, False, False, False, False, False, True]
-    assert verdict.quality[0] > 0.9
-    assert (verdict.quality[1:6] < 0.5).all()
-    assert set(verdict.reason) <= {"", *REASONS}
-
-
 def test_quality_parameters_are_validated():
-    with pytest.raises(ParameterError, match="max_coverage"):
-        QualityParams(max_coverage=1.5)
+    with pytest.raises(ParameterError, match="thick_factor"):
+        QualityParams(thick_factor=0)
     with pytest.raises(ParameterError, match="ring_width_um"):
         QualityParams(ring_width_um=0)
+    with pytest.raises(ParameterError, match="min_gap_um"):
+        QualityParams(min_gap_um=math.nan)
