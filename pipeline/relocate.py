@@ -10,7 +10,6 @@ leaves the slide, which is flagged.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ParameterError
+from .od import od_lut as white_lut
 from .segment import SlideStains, stain_feature
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
@@ -80,24 +80,6 @@ class Refined:
     found: bool
 
 
-def od_sum_of(rgb: np.ndarray, white_rgb: np.ndarray) -> np.ndarray:
-    """Optical density summed over R, G, B against a glass white level."""
-    ratio = np.maximum(rgb.astype(np.float32), 1.0) / np.asarray(white_rgb, dtype=np.float32)
-    od = -np.log10(np.minimum(ratio, 1.0))
-    return od.sum(axis=-1)
-
-
-def od_table(white_rgb: Sequence[float]) -> np.ndarray:
-    """Look-up table ``(1, 256, 3)`` float32 of each 8-bit level's OD against ``white_rgb``, for ``cv2.LUT``.
-
-    Levels at or above the white read as 0 (glass); 0 reads as 1 (a black pixel has a finite OD).
-    """
-    levels = np.maximum(np.arange(256, dtype=np.float64), 1.0)[:, None]
-    white = np.asarray(white_rgb, dtype=np.float64)[None, :]
-    od = np.maximum(np.log10(white) - np.log10(levels), 0.0)
-    return od.astype(np.float32)[None]
-
-
 def refine_centre(
     window_rgb: np.ndarray,
     mpp: float,
@@ -123,7 +105,7 @@ def refine_centre(
     params
         Search radius and lobe merge distance.
     od_lut
-        :func:`od_table` of the slide's white, when the caller has it (it is the same for every cell).
+        :func:`pipeline.od.od_lut` of the slide's white, when the caller has it (the same for every cell).
 
     Returns
     -------
@@ -131,7 +113,7 @@ def refine_centre(
         ``found`` is false (and the offset zero) when no nucleus lies within the search radius.
     """
     window_rgb = np.ascontiguousarray(window_rgb, dtype=np.uint8)
-    lut = od_table(stains.white_rgb) if od_lut is None else od_lut
+    lut = white_lut(stains.white_rgb) if od_lut is None else od_lut
     od = cv2.LUT(window_rgb, lut)
     # The residual's whole length, not only its nuclear component: the nucleus's blue-violet rim counts,
     # which centres better (median centring error 0.26 um against 0.40 um on a simulated slide).

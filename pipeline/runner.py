@@ -45,6 +45,7 @@ from .gallery import (
     write_shard,
 )
 from .lock import gallery_lock
+from .od import od_lut
 from .qc import contact_sheet, overview_picture, png_bytes, write_file, write_png
 from .quality import QualityParams, judge, neighbour_gaps_um, red_cell_layers, ring_features, slide_density
 from .relocate import (
@@ -52,8 +53,6 @@ from .relocate import (
     Refined,
     crop_window,
     is_padded,
-    od_sum_of,
-    od_table,
     refine_centre,
     relocation_table,
     search_window_half_um,
@@ -64,6 +63,7 @@ from .segment import (
     estimate_slide_stains,
     optical_density,
     required_halo_um,
+    sample_optical_density,
     segment,
     stain_warnings,
 )
@@ -240,13 +240,13 @@ def stain_map(plan: Plan) -> StainMap:
     longest_um = max(plan.dimensions) * plan.mpp0
     with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
         thumb, thumb_mpp = slide.thumbnail(max(64, min(2048, math.ceil(longest_um / 4.0))))
-    thumb = thumb.astype(np.float32)
+    thumb = np.ascontiguousarray(thumb[..., :3], dtype=np.uint8)
     # Against the slide's brightest glass (not a local maximum, which would make a large thick zone
     # look like glass): stain is anything darker than vignetting at a field corner can make glass.
     pixels = thumb.reshape(-1, 3)
     unsaturated = pixels[(pixels < 254).any(axis=1)]
     white = np.percentile(unsaturated if len(unsaturated) > 100 else pixels, 99, axis=0)
-    od = od_sum_of(thumb, np.maximum(white, 1.0))
+    od = cv2.LUT(thumb, od_lut(white)).sum(axis=-1)
     return StainMap((od > BLANK_MAX_OD_SUM).astype(np.uint8), plan.overview_mpp / thumb_mpp)
 
 
@@ -305,15 +305,9 @@ def _far_apart(windows: list[tuple[int, int, int, int]], n: int) -> list[tuple[i
 def _estimate_task(windows: list[tuple[int, int, int, int]], plan: Plan) -> SlideEstimate:
     samples = [_read_overview(plan, *window) for window in windows]
     params = plan.params
-    stains = estimate_slide_stains(samples, plan.overview_mpp, params.segment)
-    layers = [
-        red_cell_layers(
-            optical_density(s, plan.overview_mpp, params.segment, stains),
-            stains.red_cell_direction,
-            stains.red_cell_od,
-        )
-        for s in samples
-    ]
+    sample_od = sample_optical_density(samples, plan.overview_mpp, params.segment)
+    stains = estimate_slide_stains(samples, plan.overview_mpp, params.segment, sample_od)
+    layers = [red_cell_layers(od, stains.red_cell_direction, stains.red_cell_od) for od in sample_od[1]]
     return SlideEstimate(stains, slide_density(layers, plan.overview_mpp, params.quality))
 
 
@@ -371,7 +365,7 @@ def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> 
     crop = plan.params.crop
     half = math.ceil(search_window_half_um(crop) / plan.mpp0)
     refined: list[Refined] = []
-    lut = od_table(estimate.stains.white_rgb)
+    lut = od_lut(estimate.stains.white_rgb)
     for x, y in zip(batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), strict=True):
         wx0, wy0 = math.floor(x) - half, math.floor(y) - half
         window = slide.read_region(0, wx0, wy0, 2 * half, 2 * half)

@@ -49,7 +49,7 @@ when a white cell lies every 40 um (``python -m benchmarks.bccd_recall --speed``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
 from functools import lru_cache
 from typing import Any
@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ParameterError
+from .od import optical_density as od_against
 
 #: Red-cell OD direction used when a slide has too little stain to measure its own. Measured on real
 #: smears: the median, over photographs, of the mean OD direction of each photograph's stained pixels
@@ -89,9 +90,6 @@ NON_TISSUE_MIN_OD = 0.6
 USUAL_THRESHOLD_OD = (0.03, 0.45)
 USUAL_RED_CELL_OD = (0.05, 0.6)
 USUAL_RED_CELL_ANGLE_DEG = 30.0
-
-#: log10 of every 8-bit level (0 read as 1: a black pixel has OD log10(I0), not infinity).
-_LOG10 = np.log10(np.maximum(np.arange(256, dtype=np.float64), 1.0)).astype(np.float32)
 
 #: Pixel sizes accepted (um/px): an overview is 0.5-2 um/px; beyond this range mpp is surely wrong.
 _MPP_RANGE = (0.05, 20.0)
@@ -249,10 +247,8 @@ class SlideStains:
     stained_fraction
         Fraction of sampled pixels that carry any stain (0 on blank glass).
     red_cell_od
-        Median OD length of stained pixels (mostly red cells), along ``red_cell_direction``.
-    core_level
-        Median stain feature of sampled pixels above the threshold (OD; 0 if none): how far nuclei
-        clear the threshold on this slide.
+        Median OD length of stained pixels (mostly red cells), along ``red_cell_direction``: a single red
+        cell's typical OD, the unit of the quality filter's density.
     nucleus_direction
         Unit OD direction, orthogonal to ``red_cell_direction``, of the stain of nuclei on this slide;
         ``None`` (older statistics) makes the stain feature the length of the whole residual.
@@ -264,7 +260,6 @@ class SlideStains:
     threshold_od: float
     stained_fraction: float
     red_cell_od: float = 0.0
-    core_level: float = 0.0
     nucleus_direction: tuple[float, float, float] | None = None
 
     def __post_init__(self) -> None:
@@ -405,11 +400,7 @@ def optical_density(
     """
     _check_mpp(mpp)
     rgb = _check_rgb(rgb)
-    white = local_white(rgb, mpp, params, None if stains is None else stains.white_rgb)
-    # log10(I0) - log10(min(I, I0)) through a table: two lookups and a subtraction per channel.
-    od = cv2.LUT(white, _LOG10)
-    cv2.subtract(od, cv2.LUT(cv2.min(rgb, white), _LOG10), dst=od)
-    return od
+    return od_against(rgb, local_white(rgb, mpp, params, None if stains is None else stains.white_rgb))
 
 
 def _unit(direction: Sequence[float]) -> np.ndarray:
@@ -482,7 +473,42 @@ def _glass_white(samples: Sequence[np.ndarray]) -> np.ndarray:
     return np.median(bright.astype(np.float32), axis=0)
 
 
-def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: SegmentParams) -> SlideStains:
+def sample_optical_density(
+    samples: Sequence[np.ndarray], mpp: float, params: SegmentParams
+) -> tuple[tuple[float, float, float], list[np.ndarray]]:
+    """The glass white of sample windows and each window's :func:`optical_density` against it.
+
+    Parameters
+    ----------
+    samples
+        RGB uint8 overview windows (see :func:`estimate_slide_stains`).
+    mpp
+        Their pixel size, um/px.
+    params
+        Segmentation parameters.
+
+    Returns
+    -------
+    white_rgb, ods
+        The slide's glass white, and ``(h, w, 3)`` float32 OD per window (the local white floored at
+        ``white_floor`` times the slide's, as detection computes it).
+    """
+    _check_mpp(mpp)
+    samples = [_check_rgb(s) for s in samples if np.asarray(s).size]
+    if not samples:
+        raise ParameterError("estimate_slide_stains needs at least one non-empty sample window")
+    white = _glass_white([s[::STATS_STRIDE, ::STATS_STRIDE] for s in samples])
+    white_rgb = (float(white[0]), float(white[1]), float(white[2]))
+    floor_only = SlideStains(white_rgb, DEFAULT_RED_CELL_DIRECTION, 0.0, 1.0, 0.0)
+    return white_rgb, [optical_density(s, mpp, params, floor_only) for s in samples]
+
+
+def estimate_slide_stains(
+    samples: Sequence[np.ndarray],
+    mpp: float,
+    params: SegmentParams,
+    sample_od: tuple[tuple[float, float, float], list[np.ndarray]] | None = None,
+) -> SlideStains:
     """Estimate the slide's white, red-cell colour and stain threshold from sample windows.
 
     Parameters
@@ -494,28 +520,19 @@ def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: Seg
         Their pixel size, um/px (that of the tiles to segment).
     params
         Segmentation parameters.
+    sample_od
+        :func:`sample_optical_density` of the samples, when the caller has it already.
 
     Returns
     -------
     SlideStains
         On blank glass (nothing stained) the default red-cell direction and ``min_threshold``.
     """
-    _check_mpp(mpp)
-    samples = [_check_rgb(s) for s in samples if np.asarray(s).size]
-    if not samples:
-        raise ParameterError("estimate_slide_stains needs at least one non-empty sample window")
-    white = _glass_white([s[::STATS_STRIDE, ::STATS_STRIDE] for s in samples])
-    white_rgb = (float(white[0]), float(white[1]), float(white[2]))
-    floor_only = SlideStains(white_rgb, DEFAULT_RED_CELL_DIRECTION, 0.0, 1.0, 0.0)
+    white_rgb, ods = sample_od if sample_od is not None else sample_optical_density(samples, mpp, params)
     # OD on whole windows (the local white needs their context), statistics on every other pixel
     # of every other row: neighbouring pixels are strongly correlated, and percentiles of a quarter
     # of them are the same to a few parts per thousand, at a quarter of the time.
-    od = np.concatenate(
-        [
-            optical_density(s, mpp, params, floor_only)[::STATS_STRIDE, ::STATS_STRIDE].reshape(-1, 3)
-            for s in samples
-        ]
-    )
+    od = np.concatenate([o[::STATS_STRIDE, ::STATS_STRIDE].reshape(-1, 3) for o in ods])
     od = od[od.min(axis=1) < NON_TISSUE_MIN_OD]
     if len(od) == 0:  # nothing but black: measured like blank glass
         od = np.zeros((1, 3), np.float32)
@@ -542,9 +559,6 @@ def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: Seg
         )
         threshold = threshold if threshold > 0 else 0.02  # min_threshold 0 on blank glass
     nucleus = _nucleus_direction(od, direction, threshold, mpp * STATS_STRIDE)
-    feature = stain_feature(od, direction, nucleus)
-    above = feature[feature > threshold]
-    core_level = float(np.median(above)) if above.size else 0.0
     return SlideStains(
         white_rgb,
         _triple(direction),
@@ -552,7 +566,6 @@ def estimate_slide_stains(samples: Sequence[np.ndarray], mpp: float, params: Seg
         float(threshold),
         fraction,
         red_cell_od,
-        core_level,
         _triple(nucleus),
     )
 
@@ -759,19 +772,30 @@ def _group_by_gap(distances: np.ndarray, cores: np.ndarray, parts: np.ndarray, g
     ``distances[i]`` is the distance of every pixel to part ``i``; the gap between parts i and j is that
     distance at j's nearest pixel, less the one pixel that separates touching pixels.
     """
-    parent = list(range(len(parts)))
+    n = len(parts)
+    close = (
+        (i, j)
+        for i in range(n)
+        for j in range(i + 1, n)
+        if distances[i][cores == parts[j]].min() - 1.0 < gap_px
+    )
+    return _groups(n, close)
+
+
+def _groups(n: int, pairs: Iterable[tuple[int, int]]) -> np.ndarray:
+    """Group index (0..k-1) of each of ``n`` items, items joined by ``pairs`` sharing one (union-find,
+    unions in the order given; groups numbered by their root)."""
+    parent = list(range(n))
 
     def find(i: int) -> int:
         while parent[i] != i:
             i = parent[i]
         return i
 
-    for i in range(len(parts)):
-        for j in range(i + 1, len(parts)):
-            if distances[i][cores == parts[j]].min() - 1.0 < gap_px:
-                parent[find(j)] = find(i)
-    roots = sorted({find(i) for i in range(len(parts))})
-    return np.array([roots.index(find(i)) for i in range(len(parts))])
+    for i, j in pairs:
+        parent[find(j)] = find(i)
+    roots = sorted({find(i) for i in range(n)})
+    return np.array([roots.index(find(i)) for i in range(n)], dtype=np.int64)
 
 
 def _split_by_shape(
@@ -873,13 +897,6 @@ def _merge_wide_necks(
     """Merge regions whose shared border is not narrower than ``neck_ratio`` x the smaller
     region's diameter (twice its peak distance); relabel 1..k."""
     radius = {k + 1: float(dist[y, x]) for k, (y, x) in enumerate(peaks)}
-    parent = {k: k for k in radius}
-
-    def find(k: int) -> int:
-        while parent[k] != k:
-            k = parent[k]
-        return k
-
     # Border pixels between regions a and b: 4-neighbours with different non-zero labels.
     necks: dict[tuple[int, int], int] = {}
     for a, b in ((parts[:, :-1], parts[:, 1:]), (parts[:-1, :], parts[1:, :])):
@@ -887,13 +904,14 @@ def _merge_wide_necks(
         for u, v in zip(a[diff], b[diff], strict=True):
             key = (int(min(u, v)), int(max(u, v)))
             necks[key] = necks.get(key, 0) + 1
-    for (a, b), length in sorted(necks.items()):
-        if length >= neck_ratio * 2 * min(radius[a], radius[b]):
-            parent[find(b)] = find(a)
-    roots = sorted({find(k) for k in radius})
+    wide = (
+        (a - 1, b - 1)
+        for (a, b), length in sorted(necks.items())
+        if length >= neck_ratio * 2 * min(radius[a], radius[b])
+    )
+    group = _groups(len(radius), wide)
     relabel = np.zeros(int(parts.max()) + 1, np.int32)
-    for k in radius:
-        relabel[k] = roots.index(find(k)) + 1
+    relabel[1 : len(radius) + 1] = group + 1
     return relabel[parts]
 
 
