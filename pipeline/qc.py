@@ -15,7 +15,7 @@ from ._files import atomic_path
 COLOURS = {
     "accepted": (0, 170, 0),
     "thick_zone": (220, 120, 0),
-    "overlapping": (200, 0, 200),
+    "cut": (200, 0, 200),
     "touching": (230, 0, 0),
     "out_of_focus": (0, 120, 230),
 }
