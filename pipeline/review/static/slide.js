@@ -6,8 +6,10 @@ const stem = document.body.dataset.stem;
 const api = `/api/slide/${encodeURIComponent(stem)}`;
 const state = {
   info: null, cells: [], candidates: [], labels: {}, annotator: null,
-  hidden: new Set(), items: [], position: -1, undo: [], selectedCandidate: -1, viewer: null,
+  hidden: new Set(), items: [], position: -1, undo: [], selectedCandidate: -1, viewer: null, unsaved: 0,
 };
+// Labels still on their way to the server: ask before the tab closes.
+window.addEventListener("beforeunload", event => { if (state.unsaved > 0) event.preventDefault(); });
 window.review = state;
 
 function rows(table) {
@@ -172,7 +174,8 @@ function setupLegend() {
     `<option value="+">labelled</option>` +
     state.info.labels.map(l => `<option value="${escape(l.name)}">${escape(l.name)}</option>`).join("");
   for (const id of ["filter-reason", "filter-quality", "filter-label"]) {
-    document.getElementById(id).addEventListener("change", () => { state.position = -1; render(); });
+    // Leave the keys to labelling once a filter is chosen.
+    document.getElementById(id).addEventListener("change", e => { e.target.blur(); state.position = -1; render(); });
   }
   document.getElementById("key-list").innerHTML = state.info.labels
     .map(l => `<span class="key"><kbd>${escape(l.key)}</kbd> ${escape(l.name.replaceAll("_", " "))}</span>`).join("");
@@ -233,7 +236,7 @@ function render() {
       `</figcaption><div class="label-badge">${label ? escape(label.replaceAll("_", " ")) : ""}</div>`;
     if (label) tile.classList.add("labelled");
     if (position === state.position) tile.classList.add("selected");
-    tile.addEventListener("click", () => select(position, true));
+    tile.addEventListener("click", () => { grid.focus({ preventScroll: true }); select(position, true); });
     fragment.appendChild(tile);
   });
   grid.appendChild(fragment);
@@ -274,30 +277,55 @@ function showDetails(it) {
 
 // --- labels --------------------------------------------------------------------------------------
 
-async function setLabel(cell, label) {
-  const data = await getJSON(`${api}/labels/${encodeURIComponent(state.annotator)}`, {
+// Labels are shown and the selection moves on at once; the requests go out one after the other, so
+// fast typing never labels one cell twice or loses the order of a label and its undo.
+let pending = Promise.resolve();
+
+function setLabel(cell, label) {
+  if (label) state.labels[cell] = label; else delete state.labels[cell];
+  updateTile(cell);
+  const annotator = state.annotator;
+  state.unsaved += 1;
+  pending = pending.then(() => getJSON(`${api}/labels/${encodeURIComponent(annotator)}`, {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify({ cell, label }),
-  });
-  state.labels = data.labels;
+  })).then(data => {
+    if (annotator === state.annotator) { state.labels = data.labels; updateTile(cell); }
+      }).catch(error => {
+    alert(`label not saved: ${error.message}`);
+    getJSON(`${api}/labels/${encodeURIComponent(annotator)}`).then(data => { state.labels = data.labels; render(); });
+  }).finally(() => { state.unsaved -= 1; });
+  return pending;
 }
 
-async function labelSelected(label) {
+function updateTile(cell) {
+  const label = state.labels[cell];
+  const tile = document.querySelector(`#grid .tile[data-cell="${cell}"]`);
+  if (tile) {
+    tile.querySelector(".label-badge").textContent = label ? label.replaceAll("_", " ") : "";
+    tile.classList.toggle("labelled", !!label);
+  }
+  const now = document.querySelector("#details .label-now");
+  const it = state.items[state.position];
+  if (now && it && it.cell === cell) now.textContent = label || "unlabelled";
+  const labelled = Object.keys(state.labels).length;
+  document.getElementById("grid-count").textContent =
+    `${state.items.length} shown; ${labelled} of ${state.info.n_cells} cells labelled`;
+}
+
+function labelSelected(label) {
   const it = state.items[state.position];
   if (!it || it.cell < 0) return;
   if (!state.annotator) { askAnnotator(); return; }
   state.undo.push({ cell: it.cell, previous: state.labels[it.cell] || null });
-  await setLabel(it.cell, label);
-  const next = state.position + 1;
-  render();
-  select(Math.min(next, state.items.length - 1), false);
+  setLabel(it.cell, label);
+  select(Math.min(state.position + 1, state.items.length - 1), false);
 }
 
-async function undo() {
+function undo() {
   const last = state.undo.pop();
   if (!last) return;
-  await setLabel(last.cell, last.previous);
-  render();
+  setLabel(last.cell, last.previous);
   const position = state.items.findIndex(it => it.cell === last.cell);
   if (position >= 0) select(position, false);
 }
