@@ -15,7 +15,9 @@ The public galleries name each image by a prefix and a running number (PBC: clas
 ``BNE_12345.jpg``; AML-Cytomorphology_LMU: class abbreviation and an index, with ``annotations.dat``
 mapping file names to labels). There is no class before annotation, so the prefix is the slide, the
 coordinates find the cell again on the slide, and ``<stem>.cells.csv`` plays the part of
-``annotations.dat``: add a label column to it and it is a training table.
+``annotations.dat``: its ``label`` column holds the labels given in the review app
+(:mod:`pipeline.review.labels`), with one ``label_<annotator>`` column per annotator, and ``--by-label``
+writes ``OUT/<stem>/<label>/<file>``, the folder-per-class layout torchvision's ImageFolder reads.
 
 Images are read one gallery shard at a time, so memory stays at one shard (128 crops, ~32 MB) whatever
 the gallery's size. The image folder, its table included, is written under a hidden temporary name of
