@@ -7,6 +7,7 @@ exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -376,7 +377,12 @@ def _add_review(sub: argparse._SubParsersAction) -> None:
 def _cmd_review(args: argparse.Namespace) -> int:
     from .review.server import serve
 
-    serve(args.out, host=args.host, port=args.port, require_token=args.token)
+    # Ctrl-C (or SIGTERM) is how the app is stopped, and leaves nothing unfinished: waitress returns
+    # from its loop on the interrupt, or it arrives here.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(args.out, host=args.host, port=args.port, require_token=args.token)
+    clear_interrupt()
+    print("review stopped")
     return 0
 
 

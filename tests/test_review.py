@@ -268,6 +268,24 @@ def test_pages_tables_and_pictures_are_served(client):
     assert client.get("/files/sample_mll23.overview.png").data[:4] == b"\x89PNG"
 
 
+def test_a_gallery_whose_slide_is_gone_is_still_shown_without_the_viewer(out_copy):
+    from pipeline.review.app import create_app
+
+    # Point the gallery at a slide that is not there (as if the slide had been moved away).
+    meta = out_copy / "sample_mll23.zarr" / "zarr.json"
+    content = json.loads(meta.read_text())
+    content["attributes"]["slide"]["path"] = str(out_copy / "moved" / "sample_mll23.svs")
+    meta.write_text(json.dumps(content))
+    client = create_app(out_copy).test_client()
+    info = client.get("/api/slide/sample_mll23").get_json()
+    assert (
+        "is not there any more" in info["viewer_error"] and "moved/sample_mll23.svs" in info["viewer_error"]
+    )
+    assert client.get("/dzi/sample_mll23.dzi").status_code == 404
+    assert client.get("/slide/sample_mll23/cell/3.jpg").status_code == 200  # the gallery needs no slide
+    assert client.get("/api/slide/sample_mll23/cells").get_json()["rows"]
+
+
 @pytest.mark.parametrize(
     "path",
     [
@@ -372,8 +390,9 @@ def test_on_loopback_it_needs_no_token_unless_asked(review_out):
     try:
         assert "token" not in url and _status(url) == 200
     finally:
-        process.terminate()
-        process.wait(10)
+        process.terminate()  # SIGTERM, as Ctrl-C: the app stops cleanly
+        rest, _ = process.communicate(timeout=10)
+    assert process.returncode == 0 and "review stopped" in rest and "Traceback" not in rest
     process, url = _start_server(review_out, "--token")
     try:
         assert _status(url.split("?")[0]) == 403 and _status(url) == 200

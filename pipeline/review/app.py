@@ -105,6 +105,10 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
         catalog.gallery(stem)
         return render_template("slide.html", stem=stem, out_dir=str(catalog.out_dir))
 
+    @app.get("/favicon.ico")
+    def favicon() -> Response:
+        return Response(status=204)
+
     @app.get("/files/<name>")
     def picture(name: str) -> Response:
         if name not in catalog.pictures():  # the folder's own list: no path from the browser is opened

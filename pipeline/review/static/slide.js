@@ -67,6 +67,9 @@ function setupViewer() {
     maxZoomPixelRatio: 2,
     animationTime: 0.6,
     gestureSettingsMouse: { clickToZoom: false },
+    // The 2D canvas drawer: OpenSeadragon's WebGL one is slower where WebGL is emulated in software
+    // (remote desktops, headless browsers), and a slide's tiles need no GPU effects.
+    drawer: "canvas",
   });
   state.viewer = viewer;
   const canvas = document.createElement("canvas");
