@@ -286,6 +286,66 @@ def test_a_gallery_whose_slide_is_gone_is_still_shown_without_the_viewer(out_cop
     assert client.get("/api/slide/sample_mll23/cells").get_json()["rows"]
 
 
+def test_viewer_tiles_are_openslides_deep_zoom_tiles_of_every_level():
+    """Tiles read through pipeline.slide equal OpenSlide's own Deep Zoom tiles (up to JPEG)."""
+    import io
+
+    import openslide
+    from openslide.deepzoom import DeepZoomGenerator
+    from PIL import Image
+
+    from pipeline.review.tiles import SlideTiles
+
+    ours = SlideTiles(SAMPLE, 0.25)
+    reference = DeepZoomGenerator(openslide.OpenSlide(str(SAMPLE)), tile_size=254, overlap=1)
+    assert ours.dzi() == reference.get_dzi("jpeg")
+    assert ours.deepzoom.level_tiles == reference.level_tiles
+    for level in range(6, reference.level_count):  # levels made from each of the slide's 3 levels
+        columns, rows = reference.level_tiles[level]
+        for column, row in {(0, 0), (columns - 1, rows - 1), (columns // 2, rows // 2)}:
+            got = np.asarray(ours.deepzoom.get_tile(level, (column, row)).convert("RGB"), dtype=float)
+            expected = np.asarray(reference.get_tile(level, (column, row)).convert("RGB"), dtype=float)
+            assert got.shape == expected.shape
+            assert np.abs(got - expected).mean() < 0.5, (level, column, row)
+            served = np.asarray(Image.open(io.BytesIO(ours.tile(level, column, row))), dtype=float)
+            assert np.abs(served - got).mean() < 8, (level, column, row)  # JPEG quality 85 on smear noise
+    assert ours.tile(reference.level_count, 0, 0) is None
+    assert ours.tile(level, columns, 0) is None
+    ours.close()
+
+
+def test_a_slide_openslide_cannot_open_is_shown_too(tmp_path):
+    """A stripped TIFF (OpenSlide refuses it; the pipeline reads it with tifffile) gets tiles too."""
+    import io
+
+    import openslide
+    import tifffile
+    from PIL import Image
+
+    from pipeline.cli import main
+    from pipeline.review.app import create_app
+
+    with openslide.OpenSlide(str(SAMPLE)) as slide:
+        rgb = np.asarray(slide.read_region((2000, 1000), 0, (1200, 900)).convert("RGB"))
+    path = tmp_path / "stripped.tif"
+    tifffile.imwrite(
+        path, rgb, photometric="rgb", rowsperstrip=64, resolution=(40000, 40000), resolutionunit="CENTIMETER"
+    )
+    with pytest.raises(openslide.OpenSlideError):
+        openslide.OpenSlide(str(path))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    client = create_app(out).test_client()
+    assert client.get("/api/slide/stripped").get_json()["viewer_error"] == ""
+    assert '<Size Width="1200" Height="900"' in client.get("/dzi/stripped.dzi").text
+    last = 11  # 1200 px wide: Deep Zoom levels 0-11, the last at full resolution
+    tile = client.get(f"/dzi/stripped_files/{last}/0_0.jpeg")
+    assert tile.status_code == 200
+    got = np.asarray(Image.open(io.BytesIO(tile.data)), dtype=float)
+    assert got.shape == (255, 255, 3)  # 254 + 1 px overlap at the right and bottom
+    assert np.abs(got - rgb[:255, :255]).mean() < 8
+
+
 @pytest.mark.parametrize(
     "path",
     [

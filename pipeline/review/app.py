@@ -20,7 +20,7 @@ from ..qc import COLOURS
 from .catalog import Catalog
 from .labels import LABEL_KEYS, LABELS, LabelStore, check_annotator
 from .security import TOKEN_COOKIE, host_header_name, is_loopback, token_matches
-from .tiles import TileCache, encode_jpeg
+from .tiles import SlideTiles, TileCache, encode_jpeg
 
 __all__ = ["create_app"]
 
@@ -139,8 +139,8 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
         order = [name for name in COLOURS if name in counted] + sorted(set(counted) - set(COLOURS))
         viewer_error = ""
         try:
-            tiles.get(catalog.slide_path(stem))
-        except (GalleryError, SlideError) as exc:
+            _tiles(stem)
+        except GalleryError as exc:
             viewer_error = str(exc)
         return jsonify(
             {
@@ -199,7 +199,7 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
         if not 0 <= index < len(gallery.candidates):
             abort(404)
         row = gallery.candidates.iloc[index]
-        mpp = float((gallery.attrs.get("slide") or {}).get("mpp") or 0.25)
+        mpp = float((gallery.attrs.get("slide") or {}).get("mpp"))
         crop_um = float(((gallery.attrs.get("parameters") or {}).get("crop") or {}).get("crop_um") or 25.0)
         image = _tiles(stem).crop(float(row["x_px"]), float(row["y_px"]), crop_um / mpp, _THUMB_PX)
         return _jpeg(encode_jpeg(image, quality=92))
@@ -227,11 +227,12 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
         )
         return jsonify({"annotator": annotator, "labels": {str(k): v for k, v in labels.items()}})
 
-    def _tiles(stem: str) -> Any:
+    def _tiles(stem: str) -> SlideTiles:
+        mpp = float((catalog.gallery(stem).attrs.get("slide") or {}).get("mpp") or 0) or None
         try:
-            return tiles.get(catalog.slide_path(stem))
+            return tiles.get(catalog.slide_path(stem), mpp)
         except SlideError as exc:
-            raise GalleryError(str(exc)) from exc
+            raise GalleryError(f"{exc}; the gallery is still shown") from exc
 
     return app
 

@@ -2,23 +2,27 @@
 
 Slide tiles come from OpenSlide's own Deep Zoom generator (:class:`openslide.deepzoom.DeepZoomGenerator`),
 which picks the pyramid level each Deep Zoom level is best made from, so every level of the slide is
-used. Handles are opened once per slide and kept (OpenSlide reads are thread-safe).
+used. It reads pixels through :mod:`pipeline.slide`, the reader ``run`` used: the viewer shows what the
+detection saw, also for TIFFs OpenSlide refuses (stripped, one level, 16-bit, ...). Handles are opened once
+per slide and kept (their reads are thread-safe).
 """
 
 from __future__ import annotations
 
 import io
+import math
 import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
-import openslide
+from openslide import PROPERTY_NAME_BACKGROUND_COLOR
 from openslide.deepzoom import DeepZoomGenerator
+from PIL import Image
 
-from ..errors import SlideError
+from ..slide import Slide, open_slide
 
-__all__ = ["TILE_FORMAT", "SlideTiles", "encode_jpeg"]
+__all__ = ["TILE_FORMAT", "SlideTiles", "TileCache", "encode_jpeg"]
 
 TILE_FORMAT = "jpeg"
 # 254 + 2 x 1 px overlap = 256: tiles line up with the slide's own 256 px JPEG tiles.
@@ -29,12 +33,36 @@ _JPEG_QUALITY = 85
 
 def encode_jpeg(rgb: np.ndarray, quality: int = _JPEG_QUALITY) -> bytes:
     """JPEG bytes of an RGB uint8 image."""
-    ok, encoded = cv2.imencode(
-        ".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality]
-    )
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    ok, encoded = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:
         raise ValueError(f"could not encode a {rgb.shape} image as JPEG")
     return encoded.tobytes()
+
+
+class _DeepZoomSource:
+    """The part of OpenSlide's slide API that :class:`DeepZoomGenerator` uses, over a pipeline Slide."""
+
+    def __init__(self, slide: Slide) -> None:
+        self.slide = slide
+        self.level_count = slide.level_count
+        self.level_dimensions = slide.level_dimensions
+        self.level_downsamples = slide.level_downsamples
+        self.dimensions = slide.dimensions
+        # No bounds (the whole slide is shown) and a white background, as the gallery's padding.
+        self.properties = {PROPERTY_NAME_BACKGROUND_COLOR: "ffffff"}
+
+    def get_best_level_for_downsample(self, downsample: float) -> int:
+        """The coarsest level at least as fine as ``downsample`` (OpenSlide's rule)."""
+        fine_enough = [lv for lv, d in enumerate(self.level_downsamples) if d <= downsample * (1 + 1e-6)]
+        return max(fine_enough) if fine_enough else 0
+
+    def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> Image.Image:
+        """RGBA pixels of ``level``, top-left ``location`` in level-0 pixels (OpenSlide's convention)."""
+        factor = self.level_downsamples[level]
+        x, y = math.floor(location[0] / factor), math.floor(location[1] / factor)
+        rgb = self.slide.read_region(level, x, y, max(1, size[0]), max(1, size[1]))
+        return Image.fromarray(np.ascontiguousarray(rgb[..., :3])).convert("RGBA")
 
 
 class SlideTiles:
@@ -44,24 +72,25 @@ class SlideTiles:
     ----------
     path
         The slide file (as its gallery names it).
+    mpp
+        Its level-0 pixel size as the gallery recorded it (slides without one in their metadata were
+        run with ``--mpp``).
 
     Raises
     ------
     SlideError
-        If OpenSlide cannot open the file.
+        If the file cannot be opened.
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, mpp: float | None) -> None:
         self.path = path
-        try:
-            self.slide = openslide.OpenSlide(str(path))
-        except (openslide.OpenSlideError, OSError) as exc:
-            raise SlideError(
-                f"{path}: OpenSlide cannot open it ({exc}), so the viewer cannot show it; the gallery "
-                "is still shown"
-            ) from exc
+        self.slide = open_slide(path, mpp_override=mpp)
+        self.source = _DeepZoomSource(self.slide)
         self.deepzoom = DeepZoomGenerator(
-            self.slide, tile_size=_TILE_PX, overlap=_OVERLAP_PX, limit_bounds=False
+            self.source,  # type: ignore[arg-type]  # duck-typed: the members DeepZoomGenerator reads
+            tile_size=_TILE_PX,
+            overlap=_OVERLAP_PX,
+            limit_bounds=False,
         )
 
     def dzi(self) -> str:
@@ -85,17 +114,15 @@ class SlideTiles:
 
         White outside the slide, as the gallery's padded crops.
         """
-        level = self.slide.get_best_level_for_downsample(side_px / out_px)
+        level = self.source.get_best_level_for_downsample(side_px / out_px)
         factor = float(self.slide.level_downsamples[level])
         size = max(1, round(side_px / factor))
-        left, top = round(x_px - side_px / 2), round(y_px - side_px / 2)
-        rgba = np.asarray(self.slide.read_region((left, top), level, (size, size)))
-        alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-        rgb = (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
-        return cv2.resize(rgb, (out_px, out_px), interpolation=cv2.INTER_AREA)
+        left, top = math.floor((x_px - side_px / 2) / factor), math.floor((y_px - side_px / 2) / factor)
+        rgb = self.slide.read_region(level, left, top, size, size)
+        return cv2.resize(np.ascontiguousarray(rgb), (out_px, out_px), interpolation=cv2.INTER_AREA)
 
     def close(self) -> None:
-        """Release the OpenSlide handle."""
+        """Release the slide's file handle."""
         self.slide.close()
 
 
@@ -106,12 +133,12 @@ class TileCache:
         self._tiles: dict[Path, SlideTiles] = {}
         self._lock = threading.Lock()
 
-    def get(self, path: Path) -> SlideTiles:
+    def get(self, path: Path, mpp: float | None) -> SlideTiles:
         """The tiles of ``path``, opening it the first time."""
         with self._lock:
             tiles = self._tiles.get(path)
             if tiles is None:
-                tiles = self._tiles[path] = SlideTiles(path)
+                tiles = self._tiles[path] = SlideTiles(path, mpp)
             return tiles
 
     def close(self) -> None:
