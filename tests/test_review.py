@@ -33,8 +33,12 @@ def review_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An output folder of `run` on the shipped sample slide (62 cells, 465 candidates)."""
     from pipeline.cli import main
 
-    out = tmp_path_factory.mktemp("review") / "out"
-    assert main(["run", str(SAMPLE), "--out", str(out), "--workers", "0", "--quiet"]) == 0
+    folder = tmp_path_factory.mktemp("review")
+    broken = folder / "broken.svs"
+    broken.write_text("not a slide")
+    out = folder / "out"
+    # the broken slide fails (exit code 1) and is recorded with its one-line error
+    assert main(["run", str(SAMPLE), str(broken), "--out", str(out), "--workers", "0", "--quiet"]) == 1
     return out
 
 
@@ -254,9 +258,13 @@ def client(out_copy):
 def test_pages_tables_and_pictures_are_served(client):
     assert b"Batch" in client.get("/").data
     batch = client.get("/api/batch").get_json()
-    (row,) = batch["slides"]
+    failed, row = batch["slides"]
     assert (row["stem"], row["status"], row["cells"], row["candidates"]) == ("sample_mll23", "done", 62, 465)
     assert row["rejected_by_reason"] == {"thick_zone": 208, "overlapping": 195}
+    assert row["pictures"] == ["sample_mll23.contact.png", "sample_mll23.overview.png"]
+    assert (failed["stem"], failed["status"], failed["has_gallery"]) == ("broken", "failed", False)
+    assert "broken.svs is not a slide OpenSlide or tifffile can read" in failed["error"]
+    assert client.get("/slide/broken").status_code == 404
     assert client.get("/slide/sample_mll23").status_code == 200
     info = client.get("/api/slide/sample_mll23").get_json()
     assert info["viewer_error"] == "" and {o["name"] for o in info["outcomes"]} >= {"accepted", "thick_zone"}
@@ -398,9 +406,12 @@ def test_with_a_token_every_request_needs_it(out_copy):
     assert client.get("/").status_code == 403
     assert client.get("/api/batch").status_code == 403
     assert client.get("/?token=wrong").status_code == 403
-    first = client.get("/?token=s3cret")
+    first = client.get("/?token=s3cret", headers={"Host": "127.0.0.1:8765"})
     assert first.status_code == 200 and "HttpOnly" in first.headers["Set-Cookie"]
-    assert client.get("/api/batch").status_code == 200  # the cookie carries it from now on
+    assert "review_token_8765=" in first.headers["Set-Cookie"]  # one cookie per port
+    assert client.get("/api/batch", headers={"Host": "127.0.0.1:8765"}).status_code == 200  # the cookie
+    # another app on another port of this host does not take this one's token
+    assert client.get("/api/batch", headers={"Host": "127.0.0.1:8766"}).status_code == 403
 
 
 def _start_server(out: Path, *extra: str) -> tuple[subprocess.Popen, str]:

@@ -78,11 +78,11 @@ def test_review_a_slide_zoom_filter_and_label_with_the_keyboard(browser, server)
 
     # batch page
     page.goto(url)
-    row = page.locator("#slides tbody tr")
-    row.wait_for()
-    text = row.inner_text()
-    for expected in ("sample_mll23", "done", "62", "465", "thick_zone 208", "overlapping 195"):
-        assert expected in text
+    page.wait_for_selector("#slides tbody tr")
+    failed, done = (row.inner_text() for row in page.locator("#slides tbody tr").all())
+    for expected in ("sample_mll23", "done", "62", "465", "thick_zone 208", "overlapping 195", "overview"):
+        assert expected in done
+    assert "broken\tfailed" in failed and "is not a slide OpenSlide or tifffile can read" in failed
 
     # open the slide; the annotator gives a name first
     page.click("text=sample_mll23")

@@ -62,7 +62,7 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
     @app.before_request
     def guard() -> Response | None:
         if token is not None:
-            given = request.args.get("token") or request.cookies.get(TOKEN_COOKIE)
+            given = request.args.get("token") or request.cookies.get(_cookie_name())
             if not token_matches(given, token):
                 return _text(
                     "403 forbidden: open the URL with ?token=... that the review command printed", 403
@@ -76,7 +76,7 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
     @app.after_request
     def headers(response: Response) -> Response:
         if token is not None and token_matches(request.args.get("token"), token):
-            response.set_cookie(TOKEN_COOKIE, token, httponly=True, samesite="Strict")
+            response.set_cookie(_cookie_name(), token, httponly=True, samesite="Strict")
         response.headers["X-Content-Type-Options"] = "nosniff"
         response.headers["X-Frame-Options"] = "DENY"
         response.headers["Referrer-Policy"] = "no-referrer"  # the token never leaves in a Referer
@@ -235,6 +235,13 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
             raise GalleryError(f"{exc}; the gallery is still shown") from exc
 
     return app
+
+
+def _cookie_name() -> str:
+    # Cookies are shared by every port of a host: two apps on one machine (two tunnels, two folders)
+    # must not overwrite each other's token.
+    port = request.host.rpartition(":")[2]
+    return f"{TOKEN_COOKIE}_{port if port.isdigit() else 'default'}"
 
 
 def _text(message: str, status: int) -> Response:
