@@ -7,6 +7,7 @@ exit code 1; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import threading
@@ -314,6 +315,17 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
         default=95,
         help="JPEG quality 1-100 (default 95); applies to jpeg images only, other formats are lossless",
     )
+    p.add_argument(
+        "--by-label",
+        action="store_true",
+        help="png/jpeg/tiff: one folder per label (OUT/<stem>/<label>/, the layout torchvision's ImageFolder "
+        "reads); unlabelled cells and 'unsure' ones are left out",
+    )
+    p.add_argument(
+        "--annotator",
+        default=None,
+        help="whose labels fill the label column (default: the label all annotators of the cell agree on)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace files of an earlier export")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)
@@ -329,9 +341,65 @@ def _cmd_export(args: argparse.Namespace) -> int:
         jpeg_quality=args.jpeg_quality,
         overwrite=args.overwrite,
         progress=not args.quiet,
+        by_label=args.by_label,
+        annotator=args.annotator,
     )
     for result in results:
         print(result.summary())
+    return 0
+
+
+def _add_review(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "review",
+        help="look at the galleries of an output folder in the browser, check them against their slides, "
+        "label cells",
+        description="A local web app: the batch, each slide in a zoomable viewer with every candidate "
+        "marked, the gallery beside it, and labelling with the keyboard (labels go to "
+        "OUT/<stem>.labels/<annotator>.json). Listens on 127.0.0.1; on any other --host every request "
+        "needs the random token printed with the URL.",
+    )
+    p.add_argument("out", help="the folder `run --out` wrote")
+    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: any free port)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; any other, e.g. 0.0.0.0, requires the token)",
+    )
+    p.add_argument(
+        "--token",
+        action="store_true",
+        help="require the token on 127.0.0.1 too (shared machines, e.g. a cluster login node)",
+    )
+    p.set_defaults(func=_cmd_review)
+
+
+def _cmd_review(args: argparse.Namespace) -> int:
+    from .review.server import serve
+
+    # Ctrl-C (or SIGTERM) is how the app is stopped, and leaves nothing unfinished: waitress returns
+    # from its loop on the interrupt, or it arrives here.
+    with contextlib.suppress(KeyboardInterrupt):
+        serve(args.out, host=args.host, port=args.port, require_token=args.token)
+    clear_interrupt()
+    print("review stopped")
+    return 0
+
+
+def _add_agreement(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "agreement",
+        help="labels per class, confusion matrices and Cohen's kappa between the annotators of a gallery",
+    )
+    p.add_argument("gallery", help="OUT/<stem>.zarr labelled with `review`")
+    p.set_defaults(func=_cmd_agreement)
+
+
+def _cmd_agreement(args: argparse.Namespace) -> int:
+    from .review.agreement import agreement_report, format_agreement
+
+    counts, pairs = agreement_report(args.gallery)
+    print(format_agreement(args.gallery, counts, pairs))
     return 0
 
 
@@ -349,6 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_simulate(sub)
     _add_evaluate(sub)
     _add_export(sub)
+    _add_review(sub)
+    _add_agreement(sub)
     return parser
 
 

@@ -15,7 +15,9 @@ The public galleries name each image by a prefix and a running number (PBC: clas
 ``BNE_12345.jpg``; AML-Cytomorphology_LMU: class abbreviation and an index, with ``annotations.dat``
 mapping file names to labels). There is no class before annotation, so the prefix is the slide, the
 coordinates find the cell again on the slide, and ``<stem>.cells.csv`` plays the part of
-``annotations.dat``: add a label column to it and it is a training table.
+``annotations.dat``: its ``label`` column holds the labels given in the review app
+(:mod:`pipeline.review.labels`), with one ``label_<annotator>`` column per annotator, and ``--by-label``
+writes ``OUT/<stem>/<label>/<file>``, the folder-per-class layout torchvision's ImageFolder reads.
 
 Images are read one gallery shard at a time, so memory stays at one shard (128 crops, ~32 MB) whatever
 the gallery's size. The image folder, its table included, is written under a hidden temporary name of
@@ -58,11 +60,13 @@ from ._files import atomic_path
 from .crop_presets import EXPORT_FORMATS, IMAGE_FORMATS, match_crop_preset
 from .errors import GalleryError, ParameterError
 from .gallery import DEFAULT_SHARD_CELLS, Gallery, open_gallery, shard_ranges
+from .review.labels import UNSURE, LabelStore, check_annotator
 
 __all__ = [
     "CIRCLE_VERTICES",
     "EXPORT_FORMATS",
     "ExportResult",
+    "cell_labels",
     "check_distinct_stems",
     "circle_polygon",
     "default_image_format",
@@ -183,6 +187,8 @@ def export_gallery(
     jpeg_quality: int = 95,
     overwrite: bool = False,
     progress: bool = True,
+    by_label: bool = False,
+    annotator: str | None = None,
 ) -> ExportResult:
     """Export one gallery (see the module docstring for the layout).
 
@@ -201,6 +207,13 @@ def export_gallery(
         Replace files of an earlier export of this gallery; otherwise they stop the export.
     progress
         Show a progress bar (images only; the tables are quick).
+    by_label
+        Images only: write each labelled cell into a folder named after its label
+        (``OUT/<stem>/<label>/...``, the layout torchvision's ImageFolder reads); cells without a
+        label, or labelled "unsure", are left out of the folders (their ``file`` is empty in the table).
+    annotator
+        Whose labels fill the ``label`` column; by default the label every annotator who labelled the
+        cell agrees on (empty where they disagree).
 
     Returns
     -------
@@ -229,16 +242,26 @@ def export_gallery(
     except OSError as exc:
         raise GalleryError(f"cannot create the export folder {out}: {exc}") from exc
     n_accepted = int(gallery.candidates["accepted"].sum()) if len(gallery.candidates) else 0
+    if by_label and fmt not in IMAGE_FORMATS:
+        raise ParameterError(f"--by-label needs an image format ({', '.join(IMAGE_FORMATS)}), not {fmt}")
+    labels = cell_labels(gallery, annotator)
     if fmt in IMAGE_FORMATS:
         image_dir, names = export_images(
-            gallery, out, fmt, jpeg_quality=jpeg_quality, overwrite=overwrite, progress=progress
+            gallery,
+            out,
+            fmt,
+            jpeg_quality=jpeg_quality,
+            overwrite=overwrite,
+            progress=progress,
+            labels=labels,
+            by_label=by_label,
         )
         return ExportResult(
             gallery.path,
             fmt,
             [image_dir / f"{stem}.cells.csv"],
             image_dir,
-            n_images=len(names),
+            n_images=sum(bool(name) for name in names),
             n_accepted=n_accepted,
             seconds=time.perf_counter() - started,
         )
@@ -253,7 +276,7 @@ def export_gallery(
             n_accepted=n_accepted,
             seconds=time.perf_counter() - started,
         )
-    files = export_tables(gallery, out, overwrite=overwrite)
+    files = export_tables(gallery, out, overwrite=overwrite, labels=labels)
     return ExportResult(
         gallery.path,
         fmt,
@@ -301,6 +324,8 @@ def export_galleries(
     jpeg_quality: int = 95,
     overwrite: bool = False,
     progress: bool = True,
+    by_label: bool = False,
+    annotator: str | None = None,
 ) -> Iterator[ExportResult]:
     """Export several galleries into one folder, one after the other.
 
@@ -310,7 +335,7 @@ def export_galleries(
     ----------
     gallery_paths
         ``OUT/<stem>.zarr`` galleries written by ``run``, with distinct stems.
-    out_dir, export_format, jpeg_quality, overwrite, progress
+    out_dir, export_format, jpeg_quality, overwrite, progress, by_label, annotator
         As for :func:`export_gallery`.
 
     Returns
@@ -328,7 +353,14 @@ def export_galleries(
     check_distinct_stems(paths)
     return (
         export_gallery(
-            path, out_dir, export_format, jpeg_quality=jpeg_quality, overwrite=overwrite, progress=progress
+            path,
+            out_dir,
+            export_format,
+            jpeg_quality=jpeg_quality,
+            overwrite=overwrite,
+            progress=progress,
+            by_label=by_label,
+            annotator=annotator,
         )
         for path in paths
     )
@@ -347,11 +379,13 @@ def export_images(
     jpeg_quality: int = 95,
     overwrite: bool = False,
     progress: bool = True,
+    labels: pd.DataFrame | None = None,
+    by_label: bool = False,
 ) -> tuple[Path, list[str]]:
     """Write every crop of ``gallery`` as one image file in ``out_dir/<stem>/``, shard by shard.
 
-    The folder also gets ``<stem>.cells.csv``: one row per image, ``file`` (its name), ``slide`` and
-    every column of the gallery's cells table.
+    The folder also gets ``<stem>.cells.csv``: one row per image, ``file`` (its name), ``slide``,
+    ``label`` and every column of the gallery's cells table.
 
     Parameters
     ----------
@@ -367,11 +401,17 @@ def export_images(
         Replace an existing image folder of this slide.
     progress
         Show a progress bar.
+    labels
+        :func:`cell_labels` of the gallery (default: read them).
+    by_label
+        Write each cell into the sub-folder of its label (ImageFolder layout); cells without a label
+        or labelled "unsure" are not written.
 
     Returns
     -------
     tuple of (Path, list of str)
-        The image folder and the file names in gallery order.
+        The image folder and the file names (relative to it) in gallery order; ``""`` for a cell not
+        written.
     """
     if image_format not in IMAGE_FORMATS:
         raise ParameterError(
@@ -393,15 +433,22 @@ def export_images(
     xs = gallery.cells["x_px"].to_numpy(float)
     ys = gallery.cells["y_px"].to_numpy(float)
     names = [image_file_name(stem, i, xs[i], ys[i], extension, digits) for i in range(n)]
+    if labels is None:
+        labels = cell_labels(gallery)
+    if by_label:
+        names = [_class_folder_name(label, name) for label, name in zip(labels["label"], names, strict=True)]
     writer = _image_writer(image_format, jpeg_quality, gallery, stem)
     try:
+        for folder in sorted({name.rpartition("/")[0] for name in names if "/" in name}):
+            (partial / folder).mkdir()
         with tqdm(total=n, desc=f"export {stem}", unit="cell", disable=not progress, leave=False) as bar:
             for start, images in _shards(gallery):
                 for offset, image in enumerate(images):
                     index = start + offset
-                    writer(partial / names[index], image, index, xs[index], ys[index])
+                    if names[index]:
+                        writer(partial / names[index], image, index, xs[index], ys[index])
                 bar.update(len(images))
-        _write_csv(_cells_table(gallery, stem, names), partial / f"{stem}.cells.csv")
+        _write_csv(_cells_table(gallery, stem, names, labels), partial / f"{stem}.cells.csv")
         _publish(partial, final, out_dir, stem, overwrite)
     except OSError as exc:
         raise GalleryError(f"cannot write images to {out_dir}: {exc}; check the output folder") from exc
@@ -484,16 +531,74 @@ def _image_writer(image_format: str, jpeg_quality: int, gallery: Gallery, stem: 
 # --------------------------------------------------------------------------------------------------
 
 
-def _cells_table(gallery: Gallery, stem: str, files: list[str] | None) -> pd.DataFrame:
+def _class_folder_name(label: str | None, name: str) -> str:
+    # "unsure" is no class to train on, and unlabelled cells have none: ImageFolder would take any
+    # folder of theirs for one more class.
+    return "" if label is None or label == UNSURE else f"{label}/{name}"
+
+
+def cell_labels(gallery: Gallery, annotator: str | None = None) -> pd.DataFrame:
+    """Labels given in the review app, one row per cell: ``label`` and ``label_<annotator>`` columns.
+
+    Parameters
+    ----------
+    gallery
+        An open gallery.
+    annotator
+        Whose labels make the ``label`` column. By default it holds the label every annotator who
+        labelled the cell gave (empty when they disagree, or nobody labelled it).
+
+    Returns
+    -------
+    pandas.DataFrame
+        N rows; ``label`` (None where empty), then one ``label_<name>`` column per annotator.
+
+    Raises
+    ------
+    ParameterError
+        If ``annotator`` has labelled nothing in this gallery.
+    """
+    table = LabelStore(gallery.path, gallery.attrs).table()
+    if annotator is not None:
+        check_annotator(annotator)
+        if annotator not in table.columns:
+            known = ", ".join(table.columns) or "none yet"
+            raise ParameterError(f"{annotator!r} has no labels for {gallery.path}; annotators: {known}")
+        chosen = table[annotator].tolist()
+    else:
+        chosen = [_agreed(row) for row in table.itertuples(index=False)]
+    out = pd.DataFrame({"label": pd.Series(chosen, dtype=object)})
+    for name in table.columns:
+        out[f"label_{name}"] = table[name].to_numpy(object)
+    return out
+
+
+def _agreed(labels: Iterable[str | None]) -> str | None:
+    given = {label for label in labels if label is not None}
+    return given.pop() if len(given) == 1 else None
+
+
+def _cells_table(
+    gallery: Gallery, stem: str, files: list[str] | None, labels: pd.DataFrame | None = None
+) -> pd.DataFrame:
     table = gallery.cells.copy()
+    if labels is None:
+        labels = cell_labels(gallery)
+    for position, name in enumerate(labels.columns):
+        table.insert(position, name, labels[name].to_numpy(object))
     table.insert(0, "slide", stem)
     if files is not None:
         table.insert(0, "file", files)
     return table
 
 
-def export_tables(gallery: Gallery, out_dir: Path, *, overwrite: bool = False) -> list[Path]:
+def export_tables(
+    gallery: Gallery, out_dir: Path, *, overwrite: bool = False, labels: pd.DataFrame | None = None
+) -> list[Path]:
     """Write ``<stem>.cells.csv`` and ``<stem>.candidates.csv`` (every column, one row per object).
+
+    The cells table starts with ``slide`` and the labels (``label``, ``label_<annotator>``; see
+    :func:`cell_labels`).
 
     Parameters
     ----------
@@ -503,6 +608,8 @@ def export_tables(gallery: Gallery, out_dir: Path, *, overwrite: bool = False) -
         Output folder.
     overwrite
         Replace existing files.
+    labels
+        :func:`cell_labels` of the gallery (default: read them).
 
     Returns
     -------
@@ -512,7 +619,7 @@ def export_tables(gallery: Gallery, out_dir: Path, *, overwrite: bool = False) -
     stem = _stem(gallery.path)
     cells_csv, candidates_csv = out_dir / f"{stem}.cells.csv", out_dir / f"{stem}.candidates.csv"
     _check_free([cells_csv, candidates_csv], overwrite)
-    _write_csv(_cells_table(gallery, stem, None), cells_csv)
+    _write_csv(_cells_table(gallery, stem, None, labels), cells_csv)
     candidates = gallery.candidates.copy()
     candidates.insert(0, "slide", stem)
     candidates.insert(1, "candidate_index", np.arange(len(candidates)))

@@ -46,7 +46,7 @@ from .gallery import (
 )
 from .lock import gallery_lock
 from .od import od_lut
-from .qc import contact_sheet, overview_picture, png_bytes, write_file, write_png
+from .qc import gallery_contact_sheet, overview_picture, png_bytes, write_file, write_png
 from .quality import QualityParams, judge, neighbour_gaps_um, red_cell_layers, ring_features, slide_density
 from .relocate import (
     CropParams,
@@ -777,8 +777,4 @@ def _overview_png(plan: Plan, candidates: pd.DataFrame) -> bytes:
 
 
 def _write_contact_sheet(final: Path, slide_path: Path) -> None:
-    gallery = open_gallery(final)
-    n = min(len(gallery), 100)
-    images = gallery.images[:n] if n else np.zeros((0, 1, 1, 3), np.uint8)
-    labels = [f"q={q:.2f}" for q in gallery.cells["quality"].to_numpy()[:n]] if n else None
-    write_png(final.with_name(f"{slide_path.stem}.contact.png"), contact_sheet(np.asarray(images), labels))
+    write_png(final.with_name(f"{slide_path.stem}.contact.png"), gallery_contact_sheet(open_gallery(final)))
