@@ -133,8 +133,9 @@ def test_segmentation_is_tile_invariant(small_slide, tile, shift):
     for y0 in range(-shift, h, tile):
         for x0 in range(-shift, w, tile):
             ya, xa = max(0, y0), max(0, x0)
-            part = _core_objects(rgb, xa, ya, min(w, y0 + tile) - xa if False else min(w, x0 + tile) - xa,
-                                 min(h, y0 + tile) - ya, halo, stains, params)  # fmt: skip
+            part = _core_objects(
+                rgb, xa, ya, min(w, x0 + tile) - xa, min(h, y0 + tile) - ya, halo, stains, params
+            )
             assert not (part & tiled), "an object was found by two tiles"
             tiled |= part
     assert tiled == whole

@@ -204,7 +204,6 @@ def test_the_command_line_parser_does_not_import_export_libraries():
         "cli._add_run(sub); cli._add_evaluate(sub); cli._add_export(sub)"
     )
     assert _modules_loaded_by(build) == []
-    assert "pipeline.export" not in _modules_loaded_by("import pipeline.cli as cli\ncli.build_parser()")
 
 
 def test_building_the_whole_parser_imports_no_heavy_library():

