@@ -44,7 +44,7 @@ import tifffile
 
 from pipeline.errors import MppError, ParameterError, SlideError, is_interrupt
 
-__all__ = ["MPP_RANGE_UM", "Slide", "SlideRef", "cached_slide", "open_slide"]
+__all__ = ["MPP_RANGE_UM", "Slide", "SlideRef", "cached_slide", "check_mpp_option", "open_slide"]
 
 MPP_RANGE_UM: tuple[float, float] = (0.05, 10.0)
 """Plausible level-0 pixel sizes in um/px; metadata or ``--mpp`` outside this range is an error."""
@@ -740,13 +740,35 @@ def _tiff_tag_mpp(page: tifffile.TiffPage) -> tuple[float | None, float | None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_mpp_value(path: Path, value: float, origin: str) -> float:
+def _check_mpp_value(path: Path | None, value: float, origin: str) -> float:
     low, high = MPP_RANGE_UM
     if not math.isfinite(value) or not low <= value <= high:
+        where = "" if path is None else f"{path}: "
         raise MppError(
-            f"{path}: {origin} {value:g} um/px is outside the plausible {low:g}-{high:g} um/px; {_MPP_HINT}"
+            f"{where}{origin} {value:g} um/px is outside the plausible {low:g}-{high:g} um/px; {_MPP_HINT}"
         )
     return value
+
+
+def check_mpp_option(value: float) -> float:
+    """Refuse an implausible ``--mpp`` before any slide is looked at (or skipped).
+
+    Parameters
+    ----------
+    value
+        The pixel size given on the command line, um/px.
+
+    Returns
+    -------
+    float
+        ``value``, if within :data:`MPP_RANGE_UM`.
+
+    Raises
+    ------
+    MppError
+        Outside the range, or not a finite number.
+    """
+    return _check_mpp_value(None, value, "--mpp")
 
 
 def _resolve_mpp(path: Path, mpp_xy: tuple[float | None, float | None], override: float | None) -> float:
