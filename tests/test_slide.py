@@ -21,6 +21,7 @@ import tifffile
 
 from pipeline import slide as slide_mod
 from pipeline.errors import MppError, ParameterError, SlideError
+from pipeline.simulate.svs import write_svs
 from pipeline.slide import MPP_RANGE_UM, Slide, SlideRef, cached_slide, open_slide
 
 from .conftest import shared_path
@@ -45,41 +46,10 @@ def synthetic_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
     return image
 
 
-def write_aperio_svs(path: Path, image: np.ndarray, mpp: float, downsamples=(4, 16), tile: int = 256) -> None:
-    """An Aperio SVS OpenSlide accepts (recipe of DESIGN-NOTES section 5)."""
-    height, width = image.shape[:2]
-    head = f"Aperio Image Library v12.0.15 \r\n{width}x{height}"
-    level0 = f"{head} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q=85|AppMag = 40|MPP = {mpp}"
-    options = {
-        "photometric": "rgb",
-        "compression": "jpeg",
-        "compressionargs": {"level": 85},
-        "metadata": None,
-    }
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(
-            image,
-            tile=(tile, tile),
-            description=level0,
-            **options,
-        )
-        thumb = cv2.resize(image, (width // 8, height // 8), interpolation=cv2.INTER_AREA)
-        tw.write(thumb, rowsperstrip=16, description=f"{head} -> {width // 8}x{height // 8}", **options)
-        for ds in downsamples:
-            level = cv2.resize(image, (width // ds, height // ds), interpolation=cv2.INTER_AREA)
-            tw.write(
-                level,
-                tile=(tile, tile),
-                subfiletype=0,
-                description=f"{head} -> {width // ds}x{height // ds} - |AppMag = 40|MPP = {mpp}",
-                **options,
-            )
-
-
 @pytest.fixture(scope="module")
 def svs_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("svs") / "synthetic.svs"
-    write_aperio_svs(path, synthetic_rgb(*SVS_SIZE), SVS_MPP)
+    write_svs(synthetic_rgb(*SVS_SIZE), path, SVS_MPP)  # levels 1, 4, 16 and a thumbnail
     return path
 
 
