@@ -39,7 +39,7 @@ from pipeline.gallery import is_complete, open_gallery, partial_path_for, write_
 from pipeline.lock import gallery_lock, lock_path_for, read_lock
 from pipeline.runner import run_slide
 from pipeline.simulate import simulate_slide
-from pipeline.simulate.svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes
+from pipeline.simulate.svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, write_svs
 
 from .conftest import shared_path, unavailable
 
@@ -156,20 +156,6 @@ def write_flat_tiff(path: Path, image: np.ndarray, mpp: float | None, **options:
         options |= {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": 3}  # pixels per cm
     options.setdefault("photometric", "rgb")
     tifffile.imwrite(path, image, tile=(256, 256), compression="zlib", metadata=None, **options)
-    return path
-
-
-def write_svs(path: Path, image: np.ndarray, mpp: float | None, compression: int | str = "jpeg") -> Path:
-    """A small Aperio SVS (level 0 and one /4 level), optionally without MPP or JPEG 2000 compressed."""
-    height, width = image.shape[:2]
-    head = f"Aperio Image Library v11.2.1 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) J2K/KDU Q=70"
-    tail = f"|AppMag = 20|MPP = {mpp}" if mpp is not None else "|AppMag = 20"
-    options = {"photometric": "rgb", "compression": compression, "metadata": None}
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(image, tile=(256, 256), description=head + tail, **options)
-        small = cv2.resize(image, (width // 4, height // 4), interpolation=cv2.INTER_AREA)
-        reduced = f"{head} -> {width // 4}x{height // 4}{tail}"
-        tw.write(small, tile=(256, 256), subfiletype=0, description=reduced, **options)
     return path
 
 
@@ -443,7 +429,8 @@ def test_tiny_real_aperio_slide_gives_a_complete_empty_gallery(tmp_path: Path, c
 def test_blank_slide_gives_a_complete_empty_gallery(tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(2)
     glass = np.clip(rng.normal(236, 3, (1200, 1600, 3)), 0, 255).astype(np.uint8)  # sensor noise
-    path = write_svs(tmp_path / "glass.svs", glass, mpp=MPP)
+    path = tmp_path / "glass.svs"
+    write_svs(glass, path, MPP)
     code, out, err = run_cli(capsys, str(path), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert "0 cells from 0 candidates" in out
@@ -565,7 +552,8 @@ def test_real_aperio_tissue_slide_runs(tmp_path: Path, capsys) -> None:
 def test_jpeg2000_slide_without_mpp(compression: int | str, tmp_path: Path, capsys) -> None:
     # 33005: Aperio's JPEG 2000 (read by OpenSlide, like TCGA slides); "jpeg2000" (34712): a generic
     # TIFF OpenSlide rejects and tifffile decodes. Neither states a pixel size here.
-    path = write_svs(tmp_path / "j2k.svs", tissue_image(), mpp=None, compression=compression)
+    path = tmp_path / "j2k.svs"
+    write_svs(tissue_image(), path, mpp=None, compression=compression)
     with tifffile.TiffFile(path) as tif:
         assert int(tif.pages[0].compression) == (compression if isinstance(compression, int) else 34712)
     code, _, err = run_cli(capsys, str(path), "--out", str(tmp_path / "out"))
