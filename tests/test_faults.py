@@ -782,7 +782,7 @@ def _ctrl_c_swallowed() -> None:
 @pytest.mark.parametrize(
     ("target", "interrupt"),
     [
-        ("pipeline.slide._find_page", _ctrl_c_in_ctypes),  # mapping TIFF pages to OpenSlide's levels
+        ("pipeline.slide.opening._find_page", _ctrl_c_in_ctypes),  # mapping TIFF pages to OpenSlide's levels
         ("pipeline.runner.judge", _ctrl_c_swallowed),  # quality stage
         ("pipeline.runner.write_shard", _ctrl_c_swallowed),  # crops stage
         ("pipeline.runner.write_shard", lambda: signal.raise_signal(signal.SIGINT)),
@@ -903,7 +903,7 @@ def test_ctrl_c_surfacing_as_another_error_is_an_interrupt_not_a_failed_slide(
     def read_through_ctypes(slide: Path, *_args: Any, **_kwargs: Any) -> Any:
         try:
             _ctrl_c_in_ctypes()
-        except ctypes.ArgumentError as exc:  # what slide.py does with any reader error
+        except ctypes.ArgumentError as exc:  # what pipeline.slide does with any reader error
             raise SlideError(f"{slide}: {type(exc).__name__}: {exc}") from exc
 
     monkeypatch.setattr("pipeline.batch.run_slide", read_through_ctypes)

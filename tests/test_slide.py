@@ -19,10 +19,10 @@ import openslide
 import pytest
 import tifffile
 
-from pipeline import slide as slide_mod
 from pipeline.errors import MppError, ParameterError, SlideError
 from pipeline.simulate.svs import write_svs
-from pipeline.slide import MPP_RANGE_UM, Slide, SlideRef, cached_slide, open_slide
+from pipeline.slide import MPP_RANGE_UM, Slide, SlideRef, cached_slide, handle, open_slide, opening, resample
+from pipeline.slide import cache as slide_cache
 
 from .conftest import shared_path
 
@@ -192,7 +192,7 @@ def test_tile_reader_layouts_equal_openslide(tmp_path: Path, layout: str) -> Non
 
 def test_openslide_backend_matches_tile_reader(svs_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with open_slide(svs_path) as direct:
-        monkeypatch.setattr(slide_mod, "_DIRECT_VENDORS", frozenset())
+        monkeypatch.setattr(opening, "_DIRECT_VENDORS", frozenset())
         with open_slide(svs_path) as via_openslide:
             assert via_openslide.backend == "openslide"
             assert via_openslide.level_dimensions == direct.level_dimensions
@@ -412,8 +412,8 @@ def test_window_equals_crop_of_larger_window(svs: Slide, mpp_out: float, origin:
 @pytest.mark.parametrize("mpp_out", [0.25, 0.5, 0.3713, 0.0868])
 def test_banding_does_not_change_pixels(svs: Slide, mpp_out: float, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = svs.read_at_mpp(10.5, 20.25, 150, 130, mpp_out)
-    monkeypatch.setattr(slide_mod, "_BAND_SOURCE_PX", 3000)
-    monkeypatch.setattr(slide_mod, "_REMAP_TILE_PX", 7)
+    monkeypatch.setattr(handle, "_BAND_SOURCE_PX", 3000)
+    monkeypatch.setattr(resample, "_REMAP_TILE_PX", 7)
     np.testing.assert_array_equal(svs.read_at_mpp(10.5, 20.25, 150, 130, mpp_out), whole)
 
 
@@ -569,7 +569,7 @@ def test_openslide_backend_error_is_a_slide_error(
 ) -> None:
     path = tmp_path / "corrupt.svs"
     corrupt_one_tile(svs_path, path)
-    monkeypatch.setattr(slide_mod, "_DIRECT_VENDORS", frozenset())
+    monkeypatch.setattr(opening, "_DIRECT_VENDORS", frozenset())
     with open_slide(path) as slide:
         assert slide.backend == "openslide"
         with pytest.raises(SlideError, match=r"corrupt\.svs: level 0"):
@@ -599,7 +599,7 @@ def test_closed_slide_read_is_a_slide_error(svs_path: Path) -> None:
 
 @pytest.fixture()
 def empty_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_mod, "_cache", type(slide_mod._cache)())
+    monkeypatch.setattr(slide_cache, "_cache", type(slide_cache._cache)())
 
 
 def test_cached_slide_reuses_handles(svs_path: Path, empty_cache: None) -> None:
@@ -627,12 +627,12 @@ def test_cached_slide_reopens_after_error_and_close(
 
 
 def test_cached_slide_drops_the_least_recently_used(svs_path: Path, empty_cache: None) -> None:
-    cap = slide_mod._CACHE_MAX_HANDLES
+    cap = slide_cache._CACHE_MAX_HANDLES
     refs = [SlideRef(str(svs_path), mpp_override=0.2 + 0.01 * i) for i in range(cap + 1)]
     slides = [cached_slide(ref) for ref in refs[:cap]]
     assert cached_slide(refs[0]) is slides[0]  # refs[1] is now the least recently used
     cached_slide(refs[cap])
-    assert len(slide_mod._cache) == cap
+    assert len(slide_cache._cache) == cap
     assert cached_slide(refs[0]) is slides[0]
     assert cached_slide(refs[1]) is not slides[1]
 
