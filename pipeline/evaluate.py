@@ -401,16 +401,28 @@ def evaluate_gallery(gallery_path: str | Path, truth_path: str | Path) -> dict[s
         scene_zones(truth_json_for(truth_file)),
         quality.get("max_blur_um"),
     )
+    check_same_slide(gallery_path, gallery.attrs["slide"], truth_file, truth, report["candidates"]["recall"])
     return {"gallery": str(gallery_path), "truth": str(truth_file), **report}
 
 
+#: A truth named for another slide of the same size is refused when fewer of its cells than this lie
+#: under a candidate: chance alone gives about 5-10 %, a real match 59 % or more even in the thick zone.
+MIN_CANDIDATE_RECALL_OF_RENAMED = 0.25
+
+
 def check_same_slide(
-    gallery_path: str | Path, slide: dict[str, Any], truth_file: Path, truth: pd.DataFrame
+    gallery_path: str | Path,
+    slide: dict[str, Any],
+    truth_file: Path,
+    truth: pd.DataFrame,
+    candidate_recall: float | None = None,
 ) -> None:
     """Refuse a truth file written for another slide than the gallery's.
 
-    The ``*.truth.json`` beside the truth names its slide and gives its size; without it, the truth's
-    cells must at least lie on the gallery's slide.
+    The ``*.truth.json`` beside the truth gives its slide's size, which must be the gallery's; without
+    it, the truth's cells must at least lie on the gallery's slide. It also names the slide: a gallery of
+    a slide with another name (a converted or renamed copy) is accepted only if the candidates do find
+    the truth's cells (``candidate_recall``, once known).
 
     Parameters
     ----------
@@ -422,6 +434,8 @@ def check_same_slide(
         The ``*.truth.csv``.
     truth
         Its table.
+    candidate_recall
+        Share of the truth's cells found by a candidate; None before the evaluation.
 
     Raises
     ------
@@ -431,20 +445,19 @@ def check_same_slide(
     width, height = (int(v) for v in slide["dimensions"])
     slide_name = Path(str(slide["path"])).name
     advice = f"pass the truth.csv that simulate wrote beside {slide_name}"
-    sidecar = truth_json_for(truth_file)
-    meta: dict[str, Any] = {}
-    if sidecar.is_file():
-        try:
-            meta = json.loads(sidecar.read_text())
-        except (OSError, ValueError):
-            meta = {}
+    meta = _sidecar(truth_json_for(truth_file))
     if "width_px" in meta and "height_px" in meta:
         size = (int(meta["width_px"]), int(meta["height_px"]))
         named = meta.get("slide")
-        if size != (width, height) or (named is not None and named != slide_name):
+        described = f"truth {truth_file} describes {named or 'a slide'} of {size[0]} x {size[1]} px"
+        made_from = f"gallery {gallery_path} was made from {slide_name} ({width} x {height} px)"
+        if size != (width, height):
+            raise ParameterError(f"{described}, but {made_from}; {advice}")
+        renamed = named is not None and named != slide_name
+        if renamed and candidate_recall is not None and candidate_recall < MIN_CANDIDATE_RECALL_OF_RENAMED:
             raise ParameterError(
-                f"truth {truth_file} describes {named or 'a slide'} of {size[0]} x {size[1]} px, but "
-                f"gallery {gallery_path} was made from {slide_name} ({width} x {height} px); {advice}"
+                f"{described}, but {made_from}, and only {100 * candidate_recall:.0f}% of its cells lie "
+                f"under a candidate; {advice}"
             )
         return
     if len(truth) and {"x_px", "y_px"} <= set(truth.columns):
@@ -453,6 +466,14 @@ def check_same_slide(
                 f"truth {truth_file} has cells outside gallery {gallery_path}'s slide {slide_name} "
                 f"({width} x {height} px): it is another slide's; {advice}"
             )
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """The ``*.truth.json`` as a dict; empty where it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _pct(value: float | None) -> str:

@@ -314,3 +314,10 @@ def test_another_slides_truth_is_refused(across_run, tmp_path):
         for name in [str(truth), "pass the truth.csv that simulate wrote beside across.svs", *names]:
             assert name in proc.stderr, (name, proc.stderr)
     assert evaluate_gallery(gallery_path, truth_path)["truth_cells"] > 0  # its own truth passes
+    # a converted or renamed copy of the slide: another name, but the candidates do find its cells
+    renamed = tmp_path / "renamed" / "copy.truth.csv"
+    renamed.parent.mkdir()
+    shutil.copy(truth_path, renamed)
+    meta = json.loads(truth_path.with_suffix(".json").read_text())
+    renamed.with_suffix(".json").write_text(json.dumps(meta | {"slide": "copy.tif"}))
+    assert evaluate_gallery(gallery_path, renamed)["candidates"]["recall"] > 0.5
