@@ -65,8 +65,10 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     from pipeline.simulate import simulate_slide
 
     folder = tmp_path_factory.mktemp("finished")
-    sim = simulate_slide(folder / "s.svs", width_mm=0.3, height_mm=0.3, seed=1, workers=0, progress=False)
-    run_slide(sim.slide_path, folder / "out", workers=0, progress=False)
+    sim = simulate_slide(
+        folder / "s.svs", width_mm=0.5, height_mm=0.5, seed=3, preset="aml", workers=0, progress=False
+    )
+    assert run_slide(sim.slide_path, folder / "out", workers=0, progress=False).cells > 0
     return sim.slide_path, folder / "out"
 
 
