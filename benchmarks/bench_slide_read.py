@@ -4,9 +4,10 @@ Usage::
 
     python -m benchmarks.bench_slide_read [--size 12288] [--region 2048] [--svs PATH]   # from the repo root
 
-Writes a JPEG-tiled Aperio SVS (levels 1, 4, 16) with tifffile unless ``--svs`` names an existing
-one, then reads every ``region x region`` window of level 0 and of level 1 once with each reader and
-prints megapixels per second (single thread). Also times ``Slide.read_at_mpp`` for a 1 um/px overview.
+Writes a JPEG-tiled Aperio SVS (levels 1, 4, 16; ``pipeline.simulate.svs.SvsWriter``) unless ``--svs``
+names an existing one, then reads every ``region x region`` window of level 0 and of level 1 once with
+each reader and prints megapixels per second (single thread). Also times ``Slide.read_at_mpp`` for a
+1 um/px overview.
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 import openslide
-import tifffile
 
+from pipeline.simulate.svs import TILE_PX as TILE
+from pipeline.simulate.svs import SvsWriter, encode_tile, thumbnail_from, tiles_of
 from pipeline.slide import open_slide
 
-TILE = 256
 MPP = 0.25
 
 
@@ -52,49 +53,15 @@ def _level0_tiles(size: int, quarter: np.ndarray, seed: int) -> Iterator[np.ndar
             yield tile
 
 
-def _level_tiles(level: np.ndarray) -> Iterator[np.ndarray]:
-    height, width = level.shape[:2]
-    for y in range(0, height, TILE):
-        for x in range(0, width, TILE):
-            tile = np.full((TILE, TILE, 3), 255, dtype=np.uint8)
-            part = level[y : y + TILE, x : x + TILE]
-            tile[: part.shape[0], : part.shape[1]] = part
-            yield tile
-
-
 def write_svs(path: Path, size: int) -> None:
-    """Stream a square Aperio SVS (``size`` a multiple of 1024) to ``path``."""
-    head = f"Aperio Image Library v12.0.15 \r\n{size}x{size}"
-    options = {
-        "photometric": "rgb",
-        "compression": "jpeg",
-        "compressionargs": {"level": 85},
-        "metadata": None,
-    }
+    """Stream a square Aperio SVS (``size`` a multiple of 1024) to ``path``: level 0 never sits in memory."""
     quarter = np.empty((size // 4, size // 4, 3), dtype=np.uint8)
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(
-            _level0_tiles(size, quarter, seed=0),
-            shape=(size, size, 3),
-            dtype=np.uint8,
-            tile=(TILE, TILE),
-            description=f"{head} [0,0 {size}x{size}] ({TILE}x{TILE}) JPEG/RGB Q=85|AppMag = 40|MPP = {MPP}",
-            **options,
-        )
+    with SvsWriter(path, size, size, MPP) as svs:
+        svs.write_level0(encode_tile(tile) for tile in _level0_tiles(size, quarter, seed=0))
         sixteenth = cv2.resize(quarter, (size // 16, size // 16), interpolation=cv2.INTER_AREA)
-        thumb = cv2.resize(sixteenth, (size // 64, size // 64), interpolation=cv2.INTER_AREA)
-        tw.write(thumb, rowsperstrip=16, description=f"{head} -> thumbnail", **options)
+        svs.write_thumbnail(thumbnail_from(sixteenth))
         for level in (quarter, sixteenth):
-            n = level.shape[0]
-            tw.write(
-                _level_tiles(level),
-                shape=(n, n, 3),
-                dtype=np.uint8,
-                tile=(TILE, TILE),
-                subfiletype=0,
-                description=f"{head} -> {n}x{n} - |AppMag = 40|MPP = {MPP}",
-                **options,
-            )
+            svs.write_level(tiles_of(level), (level.shape[1], level.shape[0]))
 
 
 def _windows(width: int, height: int, region: int) -> list[tuple[int, int, int, int]]:

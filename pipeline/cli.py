@@ -182,6 +182,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from .relocate import CropParams
     from .runner import RunParams
 
+    if args.mpp is not None:  # before any slide: a complete gallery would be skipped without a word
+        from .slide import check_mpp_option
+
+        check_mpp_option(args.mpp)
     crop_um, crop_px = resolve_crop(args.preset, args.crop_um, args.crop_px)
     base = RunParams()
     params = replace(
@@ -403,10 +407,30 @@ def _cmd_agreement(args: argparse.Namespace) -> int:
     return 0
 
 
+def program_name(argv0: str | None = None) -> str:
+    """The name the command was run by, for usage lines and ``--version``.
+
+    Parameters
+    ----------
+    argv0
+        ``sys.argv[0]`` when None: the installed script's path, or ``.../pipeline/__main__.py`` (or
+        ``-c``) under ``python -m pipeline``.
+
+    Returns
+    -------
+    str
+        ``bloodsmear-pipeline`` (or whatever the script is called) or ``python -m pipeline``.
+    """
+    name = Path(sys.argv[0] if argv0 is None else argv0).name
+    if name in {"", "-c", "-m"} or name.endswith(".py") or name.startswith("python"):
+        return "python -m pipeline"
+    return name
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``python -m pipeline``."""
+    """The argument parser of the command line (``bloodsmear-pipeline`` or ``python -m pipeline``)."""
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline",
+        prog=program_name(),
         description="White-cell galleries from whole-slide blood-smear scans (Metafer-style), "
         "and a simulator of such scans.",
     )

@@ -9,6 +9,12 @@ Recall is counted over truth cells (overall, per class, per smear zone); precisi
 (overall and per zone: the zone a detection lies in, from the simulated scene when its ``truth.json``
 is at hand, else the zone of the nearest truth cell). Detections have no class, so there is no precision
 per class.
+
+The quality filter is compared with the simulator's own judgement of each cell: a truth cell is *good*
+for a gallery when it is in focus, touches nothing and lies outside the thick zone (``in_focus``,
+``touching``, ``zone``). For each reject reason the report counts the good and bad cells it removed, and
+the detections that were no cell at all; it also states the two focus limits (the truth's and the
+filter's) and how many accepted cells fall between them.
 """
 
 from __future__ import annotations
@@ -217,6 +223,7 @@ def evaluate_tables(
     truth: pd.DataFrame,
     mpp: float,
     zone_map: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    filter_max_blur_um: float | None = None,
 ) -> dict[str, Any]:
     """Recall and precision of candidates and accepted cells against truth, by class and by zone.
 
@@ -234,6 +241,9 @@ def evaluate_tables(
     zone_map
         Zone of any point (:func:`scene_zones`); without it a detection takes the zone of the nearest
         truth cell.
+    filter_max_blur_um
+        The quality filter's focus limit the gallery was made with (``max_blur_um``); the default
+        limit when ``None``.
 
     Returns
     -------
@@ -242,7 +252,8 @@ def evaluate_tables(
         and ``accepted``: ``detections``, ``matched``, ``recall``, ``precision``, ``duplicates``,
         ``false``, ``centring_error_um`` (``median``, ``p95``), ``recall_by_class``, ``recall_by_zone``,
         ``precision_by_zone``, and the counts behind them in ``by_class`` and ``by_zone``. Rates are
-        ``None`` where their denominator is 0.
+        ``None`` where their denominator is 0. ``filter_vs_truth`` (see :func:`filter_vs_truth`) when
+        the candidates carry a ``reason`` and the truth its ``in_focus``, ``touching`` and ``zone``.
 
     Raises
     ------
@@ -263,7 +274,88 @@ def evaluate_tables(
     }
     for name, table in (("candidates", candidates), ("accepted", cells)):
         report[name] = _section(table, truth, mpp, zone_map)
+    if "reason" in candidates.columns and set(TRUTH_FLAWS) <= set(truth.columns):
+        report["filter_vs_truth"] = filter_vs_truth(candidates, truth, mpp, filter_max_blur_um)
     return report
+
+
+#: Truth columns that make a cell unfit for a gallery, and when.
+TRUTH_FLAWS = ("in_focus", "touching", "zone")
+ACCEPTED = "accepted"  # the row of filter_vs_truth for candidates the filter kept
+
+
+def filter_vs_truth(
+    candidates: pd.DataFrame, truth: pd.DataFrame, mpp: float, filter_max_blur_um: float | None = None
+) -> dict[str, Any]:
+    """What each reject reason removed, judged by the simulator's truth.
+
+    Parameters
+    ----------
+    candidates
+        The gallery's candidates (level-0 ``x_px``, ``y_px``, ``reason``: '' when accepted).
+    truth
+        The simulator's truth table, with ``in_focus``, ``touching``, ``zone`` and ``blur_sigma_um``.
+    mpp
+        Level-0 pixel size of the slide, um/px.
+    filter_max_blur_um
+        The filter's focus limit (the default :class:`~pipeline.quality.QualityParams` one when None).
+
+    Returns
+    -------
+    dict
+        ``by_reason``: for each reject reason and for ``accepted``: ``candidates``, ``truly_good``,
+        ``truly_bad``, ``not_a_cell`` (false detections and duplicates) and ``bad_because`` (truth
+        flaws of the bad ones: ``out_of_focus``, ``touching``, ``thick_zone``; a cell may have
+        several). ``focus_limit_um``: ``truth`` (in focus at blur sigma <= it), ``filter`` (accepted up
+        to it), ``accepted_truly_out_of_focus`` and, of those, ``accepted_between_limits`` (truth
+        blur between the two limits).
+    """
+    from .quality import QualityParams
+    from .simulate.optics import IN_FOCUS_MAX_SIGMA_UM
+
+    det_x = candidates["x_px"].to_numpy(float) * mpp
+    det_y = candidates["y_px"].to_numpy(float) * mpp
+    m = match(
+        det_x,
+        det_y,
+        truth["x_um"].to_numpy(float),
+        truth["y_um"].to_numpy(float),
+        truth["diameter_um"].to_numpy(float) / 2,
+    )
+    flaws = {
+        "out_of_focus": ~truth["in_focus"].to_numpy(bool),
+        "touching": truth["touching"].to_numpy(bool),
+        "thick_zone": truth["zone"].to_numpy().astype(str) == "thick",
+    }
+    bad = np.logical_or.reduce(list(flaws.values()))
+    reasons = candidates["reason"].fillna("").astype(str).to_numpy()
+    matched = m.truth_of_detection >= 0
+    j = m.truth_of_detection[matched]
+    by_reason: dict[str, dict[str, Any]] = {}
+    for reason in [*sorted(set(reasons) - {""}), ""]:
+        here = reasons == reason
+        cells = j[here[matched]]
+        by_reason[reason or ACCEPTED] = {
+            "candidates": int(here.sum()),
+            "truly_good": int((~bad[cells]).sum()),
+            "truly_bad": int(bad[cells].sum()),
+            "not_a_cell": int((here & ~matched).sum()),
+            "bad_because": {name: int(flaw[cells].sum()) for name, flaw in flaws.items()},
+        }
+    limit = QualityParams().max_blur_um if filter_max_blur_um is None else float(filter_max_blur_um)
+    kept = j[(reasons == "")[matched]]
+    out_of_focus = kept[flaws["out_of_focus"][kept]]
+    blur = truth["blur_sigma_um"].to_numpy(float) if "blur_sigma_um" in truth else np.full(len(truth), np.nan)
+    return {
+        "good_means": "in focus, not touching, not in the thick zone (the truth's in_focus, touching, zone)",
+        "by_reason": by_reason,
+        "focus_limit_um": {
+            "truth": IN_FOCUS_MAX_SIGMA_UM,
+            "filter": limit,
+            "accepted_truly_out_of_focus": len(out_of_focus),
+            "accepted_between_limits": int((blur[out_of_focus] <= limit).sum()),
+        },
+    }
 
 
 def truth_json_for(truth_csv: str | Path) -> Path:
@@ -299,14 +391,89 @@ def evaluate_gallery(gallery_path: str | Path, truth_path: str | Path) -> dict[s
     if not truth_file.is_file():
         raise ParameterError(f"truth file {truth_file} not found; simulate writes it beside the slide")
     truth = pd.read_csv(truth_file)
+    check_same_slide(gallery_path, gallery.attrs["slide"], truth_file, truth)
+    quality = gallery.attrs.get("parameters", {}).get("quality", {})
     report = evaluate_tables(
         gallery.candidates,
         gallery.cells,
         truth,
         float(gallery.attrs["slide"]["mpp"]),
         scene_zones(truth_json_for(truth_file)),
+        quality.get("max_blur_um"),
     )
+    check_same_slide(gallery_path, gallery.attrs["slide"], truth_file, truth, report["candidates"]["recall"])
     return {"gallery": str(gallery_path), "truth": str(truth_file), **report}
+
+
+#: A truth named for another slide of the same size is refused when fewer of its cells than this lie
+#: under a candidate: chance alone gives about 5-10 %, a real match 59 % or more even in the thick zone.
+MIN_CANDIDATE_RECALL_OF_RENAMED = 0.25
+
+
+def check_same_slide(
+    gallery_path: str | Path,
+    slide: dict[str, Any],
+    truth_file: Path,
+    truth: pd.DataFrame,
+    candidate_recall: float | None = None,
+) -> None:
+    """Refuse a truth file written for another slide than the gallery's.
+
+    The ``*.truth.json`` beside the truth gives its slide's size, which must be the gallery's; without
+    it, the truth's cells must at least lie on the gallery's slide. It also names the slide: a gallery of
+    a slide with another name (a converted or renamed copy) is accepted only if the candidates do find
+    the truth's cells (``candidate_recall``, once known).
+
+    Parameters
+    ----------
+    gallery_path
+        The gallery, for the message.
+    slide
+        The gallery's ``attrs["slide"]`` (``path``, ``dimensions``).
+    truth_file
+        The ``*.truth.csv``.
+    truth
+        Its table.
+    candidate_recall
+        Share of the truth's cells found by a candidate; None before the evaluation.
+
+    Raises
+    ------
+    ParameterError
+        If the truth describes another slide.
+    """
+    width, height = (int(v) for v in slide["dimensions"])
+    slide_name = Path(str(slide["path"])).name
+    advice = f"pass the truth.csv that simulate wrote beside {slide_name}"
+    meta = _sidecar(truth_json_for(truth_file))
+    if "width_px" in meta and "height_px" in meta:
+        size = (int(meta["width_px"]), int(meta["height_px"]))
+        named = meta.get("slide")
+        described = f"truth {truth_file} describes {named or 'a slide'} of {size[0]} x {size[1]} px"
+        made_from = f"gallery {gallery_path} was made from {slide_name} ({width} x {height} px)"
+        if size != (width, height):
+            raise ParameterError(f"{described}, but {made_from}; {advice}")
+        renamed = named is not None and named != slide_name
+        if renamed and candidate_recall is not None and candidate_recall < MIN_CANDIDATE_RECALL_OF_RENAMED:
+            raise ParameterError(
+                f"{described}, but {made_from}, and only {100 * candidate_recall:.0f}% of its cells lie "
+                f"under a candidate; {advice}"
+            )
+        return
+    if len(truth) and {"x_px", "y_px"} <= set(truth.columns):
+        if truth["x_px"].max() >= width or truth["y_px"].max() >= height:
+            raise ParameterError(
+                f"truth {truth_file} has cells outside gallery {gallery_path}'s slide {slide_name} "
+                f"({width} x {height} px): it is another slide's; {advice}"
+            )
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """The ``*.truth.json`` as a dict; empty where it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _pct(value: float | None) -> str:
@@ -357,4 +524,27 @@ def format_report(report: dict[str, Any]) -> str:
     for cls, c in cand["by_class"].items():
         a = acc["by_class"].get(cls, {})
         lines.append(f"{cls:<{width}}{c['truth']:>7}{_pct(c['recall']):>14}{_pct(a.get('recall')):>13}")
+    if "filter_vs_truth" in report:
+        lines += ["", *_filter_lines(report["filter_vs_truth"])]
     return "\n".join(lines)
+
+
+def _filter_lines(section: dict[str, Any]) -> list[str]:
+    lines = [
+        f"quality filter against the truth (good: {section['good_means'].split(' (')[0]})",
+        f"{'reason':<14}{'cand.':>7}{'good':>7}{'bad':>7}{'no cell':>9}   bad because",
+    ]
+    for reason, row in section["by_reason"].items():
+        reason = "kept" if reason == ACCEPTED else reason  # "accepted" starts the summary's row
+        because = ", ".join(f"{k} {v}" for k, v in row["bad_because"].items() if v) or "-"
+        lines.append(
+            f"{reason:<14}{row['candidates']:>7}{row['truly_good']:>7}{row['truly_bad']:>7}"
+            f"{row['not_a_cell']:>9}   {because}"
+        )
+    focus = section["focus_limit_um"]
+    lines.append(
+        f"focus: the truth calls a cell in focus at blur <= {focus['truth']:g} um, the filter accepts up to "
+        f"{focus['filter']:g} um; {focus['accepted_truly_out_of_focus']} accepted cells are out of focus by "
+        f"the truth, {focus['accepted_between_limits']} of them between the two limits"
+    )
+    return lines

@@ -628,6 +628,10 @@ def export_tables(
 
 
 def _write_csv(table: pd.DataFrame, path: Path) -> None:
+    # An empty field, not "inf", where there is no value (gap_um of a cell with no neighbour), as in
+    # the GeoJSON: spreadsheets and R read "inf" as text.
+    floats = table.select_dtypes("floating").columns
+    table = table.assign(**{c: table[c].where(np.isfinite(table[c])) for c in floats})
     try:
         with atomic_path(path) as tmp:
             table.to_csv(tmp, index=False)
@@ -639,10 +643,13 @@ def _check_free(paths: list[Path], overwrite: bool) -> None:
     if overwrite:
         return
     existing = [str(path) for path in paths if path.exists()]
-    if existing:
+    if len(existing) == 1:
         raise GalleryError(
-            f"{', '.join(existing)} already exist(s) from an earlier export; --overwrite replaces them"
+            f"{existing[0]} already exists from an earlier export; add --overwrite to replace it"
         )
+    if existing:
+        names = f"{', '.join(existing[:-1])} and {existing[-1]}"
+        raise GalleryError(f"{names} already exist from an earlier export; add --overwrite to replace them")
 
 
 # --------------------------------------------------------------------------------------------------

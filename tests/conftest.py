@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -56,9 +57,22 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory):
     )
 
 
+def in_ci() -> bool:
+    """True where the environment variable CI is set to true (as ``.ci/run`` is run)."""
+    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
+
+
+def unavailable(reason: str) -> None:
+    """Stop a test that cannot run here: a failure under CI=true, where everything it needs must be
+    present, and a skip with ``reason`` elsewhere (e.g. a fresh clone without ../shared)."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a test that cannot run is a failure)", pytrace=False)
+    pytest.skip(reason)
+
+
 def shared_path(*parts: str) -> Path:
-    """A path under ../shared, skipping the test where the shared folder is absent."""
+    """A path under ../shared beside the checkout; see :func:`unavailable` where it is absent."""
     path = SHARED.joinpath(*parts)
     if not path.exists():
-        pytest.skip(f"{path} not available")
+        unavailable(f"shared fixture {path} not found (the shared folder belongs beside the checkout)")
     return path

@@ -16,6 +16,7 @@ from pipeline.batch import drafts_removed_on_failure, expand_slides, run_batch
 from pipeline.errors import ParameterError
 from pipeline.gallery import is_complete, open_gallery, partial_path_for
 from pipeline.runner import RunParams
+from pipeline.slide import tiff_tiles
 
 #: Fewer stain-estimate windows than the default: these tests are about the batch, not the estimate.
 QUICK = RunParams(stat_samples=4)
@@ -173,14 +174,14 @@ def _assert_reader_caches_capped(slide_module: Any, n_slides: int) -> None:
     for handle in slide_module._cache.values():
         reader = handle._reader
         if hasattr(reader, "_cache_bytes"):
-            assert 0 < reader._cache_bytes <= slide_module.TILE_CACHE_BYTES
+            assert 0 < reader._cache_bytes <= tiff_tiles.TILE_CACHE_BYTES
 
 
 def test_driver_keeps_nothing_per_slide_and_reader_caches_are_capped(tiny_slide, tmp_path, monkeypatch):
-    import pipeline.slide as slide_module
+    import pipeline.slide.cache as slide_module
 
     # A small tile budget so that a tiny slide overflows it.
-    monkeypatch.setattr(slide_module, "TILE_CACHE_BYTES", 2**20)
+    monkeypatch.setattr(tiff_tiles, "TILE_CACHE_BYTES", 2**20)
     names = []
     for i in range(slide_module._CACHE_MAX_HANDLES + 1):
         names.append(tmp_path / f"copy{i}.svs")

@@ -77,7 +77,9 @@ def test_meets_detection_targets_on_the_acceptance_slide(mll23_run, mll23_slide)
     assert accepted["precision_by_zone"]["monolayer"] >= 0.99
     assert accepted["recall_by_zone"]["monolayer"] >= 0.97
     assert candidates["duplicates"] == 0 and accepted["duplicates"] == 0
-    assert accepted["centring_error_um"]["median"] < 1.5
+    # measured 0.26 um median, 1.45 um p95 (a 0.25 um/px slide): about twice that, not the 6 um match radius
+    assert accepted["centring_error_um"]["median"] < 0.5
+    assert accepted["centring_error_um"]["p95"] < 2.5
 
 
 def test_tiled_run_equals_untiled_whatever_the_workers(small_slide, small_run, tmp_path):
@@ -133,8 +135,9 @@ def test_segmentation_is_tile_invariant(small_slide, tile, shift):
     for y0 in range(-shift, h, tile):
         for x0 in range(-shift, w, tile):
             ya, xa = max(0, y0), max(0, x0)
-            part = _core_objects(rgb, xa, ya, min(w, y0 + tile) - xa if False else min(w, x0 + tile) - xa,
-                                 min(h, y0 + tile) - ya, halo, stains, params)  # fmt: skip
+            part = _core_objects(
+                rgb, xa, ya, min(w, x0 + tile) - xa, min(h, y0 + tile) - ya, halo, stains, params
+            )
             assert not (part & tiled), "an object was found by two tiles"
             tiled |= part
     assert tiled == whole

@@ -195,3 +195,129 @@ def test_empty_detections_give_no_rates_but_no_error():
     assert report["accepted"]["recall"] == 0.0 and report["accepted"]["precision"] is None
     assert report["accepted"]["centring_error_um"] == {"median": None, "p95": None}
     assert "monocyte" in format_report(report)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The quality filter against the simulator's judgement of each cell
+# ----------------------------------------------------------------------------------------------------
+
+
+def _truth_cells(rows: list[tuple[float, bool, bool, str, float]]) -> pd.DataFrame:
+    """Truth cells 100 um apart along x: (unused x, in_focus, touching, zone, blur_sigma_um)."""
+    return pd.DataFrame(
+        {
+            "x_um": [100.0 * (i + 1) for i in range(len(rows))],
+            "y_um": 50.0,
+            "x_px": [400.0 * (i + 1) for i in range(len(rows))],
+            "y_px": 200.0,
+            "diameter_um": 12.0,
+            "cell_class": "monocyte",
+            "in_focus": [r[1] for r in rows],
+            "touching": [r[2] for r in rows],
+            "zone": [r[3] for r in rows],
+            "blur_sigma_um": [r[4] for r in rows],
+        }
+    )
+
+
+def test_filter_vs_truth_counts_good_and_bad_cells_per_reason():
+    truth = _truth_cells(
+        [
+            (0, True, False, "monolayer", 0.3),  # good, rejected as touching: a good cell lost
+            (0, False, False, "monolayer", 0.7),  # out of focus by the truth, within the filter's limit
+            (0, False, False, "feathered", 1.4),  # out of focus by both
+            (0, True, True, "thick", 0.3),  # thick zone and touching
+            (0, True, False, "monolayer", 0.2),  # good and kept
+        ]
+    )
+    reasons = ["touching", "", "out_of_focus", "thick_zone", "", "overlapping"]
+    candidates = pd.DataFrame(
+        {
+            "x_px": [401.0, 800.0, 1200.0, 1600.0, 2000.0, 2400.0],  # the last is on bare glass
+            "y_px": 200.0,
+            "reason": reasons,
+        }
+    )
+    report = evaluate_tables(candidates, candidates[candidates.reason == ""], truth, 0.25)
+    section = report["filter_vs_truth"]
+    by = section["by_reason"]
+    assert list(by) == ["out_of_focus", "overlapping", "thick_zone", "touching", "accepted"]
+    assert (by["touching"]["truly_good"], by["touching"]["truly_bad"]) == (1, 0)
+    assert (by["out_of_focus"]["truly_good"], by["out_of_focus"]["truly_bad"]) == (0, 1)
+    assert by["out_of_focus"]["bad_because"] == {"out_of_focus": 1, "touching": 0, "thick_zone": 0}
+    assert by["thick_zone"]["bad_because"] == {"out_of_focus": 0, "touching": 1, "thick_zone": 1}
+    assert (by["overlapping"]["not_a_cell"], by["overlapping"]["truly_bad"]) == (1, 0)
+    assert by["accepted"] | {"bad_because": None} == {
+        "candidates": 2, "truly_good": 1, "truly_bad": 1, "not_a_cell": 0, "bad_because": None,
+    }  # fmt: skip
+    assert section["focus_limit_um"] == {
+        "truth": 0.5, "filter": 0.9, "accepted_truly_out_of_focus": 1, "accepted_between_limits": 1,
+    }  # fmt: skip
+    tighter = evaluate_tables(candidates, candidates[candidates.reason == ""], truth, 0.25, None, 0.6)
+    assert tighter["filter_vs_truth"]["focus_limit_um"]["accepted_between_limits"] == 0
+    text = format_report(report)
+    assert "touching            1      1      0        0" in text
+    assert "the filter accepts up to 0.9 um; 1 accepted cells are out of focus" in text
+
+
+def test_filter_vs_truth_agrees_with_an_independent_computation(across_run):
+    from pipeline.gallery import open_gallery
+
+    gallery_path, truth_path = across_run
+    section = evaluate_gallery(gallery_path, truth_path)["filter_vs_truth"]
+    gallery = open_gallery(gallery_path)
+    truth = pd.read_csv(truth_path)
+    candidates = gallery.candidates
+    det_xy = candidates[["x_px", "y_px"]].to_numpy(float) * gallery.attrs["slide"]["mpp"]
+    truth_of, _, _ = _greedy_matching(det_xy, truth)
+    good = truth["in_focus"] & ~truth["touching"] & (truth["zone"] != "thick")
+    for reason, rows in candidates.groupby("reason"):
+        row = section["by_reason"][reason or "accepted"]
+        cells = truth_of[rows.index.to_numpy()]
+        assert row["candidates"] == len(rows)
+        assert row["not_a_cell"] == int((cells < 0).sum())
+        assert row["truly_good"] == int(good.to_numpy()[cells[cells >= 0]].sum())
+        assert row["truly_bad"] == int((~good).to_numpy()[cells[cells >= 0]].sum())
+    # the across slide makes it informative: thick-zone rejects are truly bad, most kept cells good
+    assert section["by_reason"]["thick_zone"]["truly_bad"] > 0
+    kept = section["by_reason"]["accepted"]
+    assert kept["truly_good"] > kept["truly_bad"]
+
+
+def test_another_slides_truth_is_refused(across_run, tmp_path):
+    from pipeline.simulate import simulate_slide
+
+    gallery_path, truth_path = across_run
+    # the same size, another seed and name: only the slide name in the sidecar tells them apart
+    other = simulate_slide(
+        tmp_path / "other.svs", width_mm=1.0, height_mm=0.6, seed=8, preset="mll23", placement="across",
+        workers=0, progress=False,
+    )  # fmt: skip
+    smaller = simulate_slide(
+        tmp_path / "small.svs", width_mm=0.6, height_mm=0.6, seed=7, workers=0, progress=False
+    )
+    alone = tmp_path / "alone" / "wide.truth.csv"  # no sidecar: its cells lie beyond the gallery's slide
+    alone.parent.mkdir()
+    wide = pd.read_csv(other.truth_path)
+    wide["x_px"] += 4000
+    wide.to_csv(alone, index=False)
+    for truth, names in (
+        (other.truth_path, ["other.svs", "across.svs"]),
+        (smaller.truth_path, ["2400 x 2400 px", "4000 x 2400 px"]),
+        (alone, ["outside", "across.svs"]),
+    ):
+        command = [sys.executable, "-m", "pipeline", "evaluate", str(gallery_path), str(truth)]
+        proc = subprocess.run(command, capture_output=True, text=True, check=False)
+        assert proc.returncode == 1, proc.stdout
+        assert proc.stdout == "" and "Traceback" not in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+        for name in [str(truth), "pass the truth.csv that simulate wrote beside across.svs", *names]:
+            assert name in proc.stderr, (name, proc.stderr)
+    assert evaluate_gallery(gallery_path, truth_path)["truth_cells"] > 0  # its own truth passes
+    # a converted or renamed copy of the slide: another name, but the candidates do find its cells
+    renamed = tmp_path / "renamed" / "copy.truth.csv"
+    renamed.parent.mkdir()
+    shutil.copy(truth_path, renamed)
+    meta = json.loads(truth_path.with_suffix(".json").read_text())
+    renamed.with_suffix(".json").write_text(json.dumps(meta | {"slide": "copy.tif"}))
+    assert evaluate_gallery(gallery_path, renamed)["candidates"]["recall"] > 0.5

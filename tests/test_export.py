@@ -204,7 +204,6 @@ def test_the_command_line_parser_does_not_import_export_libraries():
         "cli._add_run(sub); cli._add_evaluate(sub); cli._add_export(sub)"
     )
     assert _modules_loaded_by(build) == []
-    assert "pipeline.export" not in _modules_loaded_by("import pipeline.cli as cli\ncli.build_parser()")
 
 
 def test_building_the_whole_parser_imports_no_heavy_library():
@@ -275,10 +274,9 @@ def test_png_export_writes_exactly_one_lossless_file_per_cell(gallery_and_crops,
         np.testing.assert_array_equal(rgb, crops[i])
     assert (table["slide"] == "slide1").all()
     for column in gallery.cells.columns:
-        np.testing.assert_allclose(
-            table[column].to_numpy(float), gallery.cells[column].to_numpy(float), rtol=1e-12
-        )
-    assert np.isinf(table["gap_um"]).sum() == np.isinf(gallery.cells["gap_um"]).sum()
+        values = gallery.cells[column].to_numpy(float)
+        expected = np.where(np.isinf(values), np.nan, values)  # no value: an empty field, as in GeoJSON
+        np.testing.assert_allclose(table[column].to_numpy(float), expected, rtol=1e-12)
     assert not list(tmp_path.glob(".*partial"))
 
 
@@ -335,8 +333,12 @@ def test_a_second_export_needs_overwrite_which_replaces_it(gallery_and_crops, tm
     path, _ = gallery_and_crops
     export_gallery(path, tmp_path, "png", progress=False)
     (tmp_path / "slide1" / "stale.png").write_bytes(b"")
-    with pytest.raises(GalleryError, match="--overwrite"):
+    with pytest.raises(GalleryError) as refused:
         export_gallery(path, tmp_path, "jpeg", progress=False)
+    folder = tmp_path / "slide1"
+    assert (
+        str(refused.value) == f"{folder} already exists from an earlier export; add --overwrite to replace it"
+    )
     export_gallery(path, tmp_path, "jpeg", overwrite=True, progress=False)
     names = sorted(p.name for p in (tmp_path / "slide1").iterdir())
     assert "stale.png" not in names and "slide1.cells.csv" in names
@@ -451,6 +453,26 @@ def test_csv_export_writes_both_tables(gallery_and_crops, tmp_path):
     assert candidates["candidate_index"].tolist() == list(range(100))
     rejected = ~candidates["accepted"].astype(bool)
     assert int(rejected.sum()) == 30 and set(candidates.loc[rejected, "reason"]) <= set(REASONS)
+
+
+def test_csv_export_leaves_gap_um_empty_for_a_cell_with_no_neighbour(gallery_and_crops, tmp_path):
+    path, _ = gallery_and_crops
+    export_gallery(path, tmp_path, "csv")
+    gallery = open_gallery(path)
+    lone = np.isinf(gallery.candidates["gap_um"].to_numpy(float))
+    assert lone.sum() >= 1  # the fixture has one
+    for name in ("slide1.cells.csv", "slide1.candidates.csv"):
+        text = (tmp_path / name).read_text()
+        assert "inf" not in text.lower(), name
+    candidates = pd.read_csv(tmp_path / "slide1.candidates.csv", keep_default_na=False, dtype=str)
+    assert (candidates.loc[lone, "gap_um"] == "").all()
+    assert (candidates.loc[~lone, "gap_um"] != "").all()
+    with pytest.raises(GalleryError) as refused:
+        export_gallery(path, tmp_path, "csv")
+    cells, table = tmp_path / "slide1.cells.csv", tmp_path / "slide1.candidates.csv"
+    assert str(refused.value) == (
+        f"{cells} and {table} already exist from an earlier export; add --overwrite to replace them"
+    )
 
 
 # ------------------------------------------------------------------------------------------ GeoJSON

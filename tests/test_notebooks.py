@@ -89,3 +89,33 @@ def test_notebook_is_stored_without_outputs(name: str) -> None:
     for cell in code:
         assert cell.outputs == [], f"{name}: outputs committed; clear them before committing"
         assert cell.execution_count is None, f"{name}: execution counts committed"
+
+
+def _imported_top_modules(name: str) -> set[str]:
+    notebook = nbformat.read(NOTEBOOKS / name, as_version=4)
+    found = set()
+    for cell in notebook.cells:
+        if cell.cell_type == "code":
+            found |= set(re.findall(r"^\s*(?:from|import)\s+([A-Za-z_]\w*)", cell.source, flags=re.M))
+    return found
+
+
+def test_the_notebooks_extra_installs_what_the_notebooks_import() -> None:
+    """``pip install -e ".[notebooks]"`` is enough to run them (the note beside them says so)."""
+    import importlib.metadata
+    import sys
+    import tomllib
+
+    project = tomllib.loads((NOTEBOOKS.parent / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[ ;]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    installed = names(project["dependencies"]) | names(project["optional-dependencies"]["notebooks"])
+    distributions = importlib.metadata.packages_distributions()
+    imported = set().union(*(_imported_top_modules(name) for name in NAMES))
+    assert "matplotlib" in imported  # what the extra is for
+    for module in sorted(imported - set(sys.stdlib_module_names) - {"pipeline"}):
+        provided_by = {d.lower() for d in distributions.get(module, [module])}
+        assert provided_by & installed, f"{module} is imported by a notebook but not installed by the extra"
+    assert 'pip install -e ".[notebooks]"' in (NOTEBOOKS / "README.md").read_text()

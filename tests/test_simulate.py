@@ -47,14 +47,39 @@ def test_truth_has_columns_and_many_classes(mll23_slide):
     assert set(truth["zone"]) == {"thick", "monolayer", "feathered"}
     assert truth["cell_id"].is_unique
     assert np.allclose(truth["x_um"], truth["x_px"] * 0.25)
-    # red cells overlap white cells in the thick zone: every cell there touches something
-    assert truth.loc[truth.zone == "thick", "touching"].all()
     # cells are larger and flatter at the feathered edge
     assert (
         truth.loc[truth.zone == "feathered", "spread"].mean()
         > truth.loc[truth.zone == "monolayer", "spread"].mean()
     )
-    assert 0.3 < truth["in_focus"].mean() <= 1.0
+    # out-of-focus patches leave the focus filter something to reject (measured: 0.935, 43 cells out)
+    assert 0.8 < truth["in_focus"].mean() < 0.98
+    assert (~truth["in_focus"]).sum() >= 15
+
+
+def _stained_ring_fraction(slide: openslide.OpenSlide, cell: pd.Series, mpp: float) -> float:
+    """Share of stained pixels in the ring 1-4 um outside a white cell's rim."""
+    rim_px, ring_px = cell.diameter_um / 2 / mpp + 1 / mpp, cell.diameter_um / 2 / mpp + 4 / mpp
+    half = int(ring_px) + 2
+    x, y = int(cell.x_px), int(cell.y_px)
+    rgb = np.asarray(slide.read_region((x - half, y - half), 0, (2 * half, 2 * half)).convert("RGB"))
+    od = _od_sum(rgb, np.full(3, 236.0, np.float32))  # about the glass white measured on this slide
+    yy, xx = np.mgrid[-half:half, -half:half]
+    distance = np.hypot(xx, yy)
+    return float((od[(distance > rim_px) & (distance < ring_px)] > 0.15).mean())
+
+
+def test_red_cells_overlap_white_cells_in_the_thick_zone_only(mll23_slide):
+    """Read from the pixels, not from the truth's ``touching`` (which the thick zone sets by definition).
+    Measured on 40 cells per zone: thick 0.57-0.99 (median 0.82), monolayer 0-0.28 (median 0.06)."""
+    truth = pd.read_csv(mll23_slide.truth_path)
+    with openslide.OpenSlide(str(mll23_slide.slide_path)) as slide:
+        ring = {
+            zone: np.array([_stained_ring_fraction(slide, c, 0.25) for _, c in cells.head(40).iterrows()])
+            for zone, cells in truth.groupby("zone")
+        }
+    assert np.median(ring["thick"]) > 0.65 and ring["thick"].min() > 0.4
+    assert np.median(ring["monolayer"]) < 0.2 and ring["monolayer"].max() < 0.45
 
 
 def test_nucleated_centres_are_stained_and_glass_is_bright(mll23_slide):

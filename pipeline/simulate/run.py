@@ -259,6 +259,7 @@ def simulate_slide(
                 raise RuntimeError(f"rendered {len(collected)} of {len(chunks)} chunks")
             levels = _write_reduced_levels(svs, level1_path, sizes)
         truth, summary = _truth_tables(model, collected, placement, preset, seed, levels)
+        summary = {"slide": out.name, **summary}  # evaluate checks that a gallery's truth is its slide's
         truth.to_csv(truth_path.with_name(truth_path.name + ".partial"), index=False)
         summary_path.with_name(summary_path.name + ".partial").write_text(json.dumps(summary, indent=2))
         os.replace(truth_path.with_name(truth_path.name + ".partial"), truth_path)

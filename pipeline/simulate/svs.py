@@ -38,13 +38,27 @@ def objective_power(mpp: float) -> float:
     return round(10.0 / mpp, 2)
 
 
+#: Aperio's names of the codecs in the image description, by tifffile compression.
+_CODEC_NAMES = {"jpeg": "JPEG/RGB", 33005: "J2K/KDU", "jpeg2000": "J2K/KDU"}
+
+
+def _scale(mpp: float | None) -> str:
+    """The description's pixel-size fields; none for a scan without a known pixel size."""
+    return "" if mpp is None else f"|AppMag = {objective_power(mpp):g}|MPP = {mpp:.6g}"
+
+
 def _description(
-    width: int, height: int, mpp: float, quality: int, level_size: tuple[int, int] | None
+    width: int,
+    height: int,
+    mpp: float | None,
+    quality: int,
+    level_size: tuple[int, int] | None,
+    compression: int | str = "jpeg",
 ) -> str:
     head = f"{_APERIO} \r\n{width}x{height} [0,0 {width}x{height}] ({TILE_PX}x{TILE_PX})"
     if level_size is not None:
         head += f" -> {level_size[0]}x{level_size[1]}"
-    return f"{head} JPEG/RGB Q={quality}|AppMag = {objective_power(mpp):g}|MPP = {mpp:.6g}"
+    return f"{head} {_CODEC_NAMES.get(compression, compression)} Q={quality}{_scale(mpp)}"
 
 
 def pyramid_sizes(
@@ -85,9 +99,20 @@ class SvsWriter:
     ...     svs.write_level(level1_tiles, (w1, h1))
     """
 
-    def __init__(self, path: str | Path, width: int, height: int, mpp: float, quality: int = JPEG_QUALITY):
+    def __init__(
+        self,
+        path: str | Path,
+        width: int,
+        height: int,
+        mpp: float | None,
+        quality: int = JPEG_QUALITY,
+        compression: int | str = "jpeg",
+    ):
+        """``mpp`` None leaves the pixel size out (a faulty scan); ``compression`` other than ``jpeg``
+        (e.g. 33005, Aperio's JPEG 2000) takes level-0 tiles as RGB arrays rather than encoded."""
         self.path = Path(path)
         self.width, self.height, self.mpp, self.quality = width, height, mpp, quality
+        self.compression = compression
         self._tw = tifffile.TiffWriter(self.path, bigtiff=True)
 
     def __enter__(self) -> SvsWriter:
@@ -102,8 +127,9 @@ class SvsWriter:
         """Close the file (idempotent)."""
         self._tw.close()
 
-    def write_level0(self, encoded_tiles: Iterable[bytes]) -> None:
-        """Write level 0 from JPEG tiles (see :func:`encode_tile`) in row-major tile order."""
+    def write_level0(self, encoded_tiles: Iterable[bytes] | Iterable[np.ndarray]) -> None:
+        """Write level 0 from JPEG tiles (see :func:`encode_tile`) in row-major tile order (RGB tiles
+        when the compression is not JPEG)."""
         self._write_tiled(encoded_tiles, (self.width, self.height), None)
 
     def write_thumbnail(self, rgb: np.ndarray) -> None:
@@ -115,8 +141,7 @@ class SvsWriter:
             compression="jpeg",
             compressionargs={"level": 90},
             rowsperstrip=16,
-            description=f"{_APERIO} \r\n{self.width}x{self.height} -> {w}x{h} - |AppMag = "
-            f"{objective_power(self.mpp):g}|MPP = {self.mpp:.6g}",
+            description=f"{_APERIO} \r\n{self.width}x{self.height} -> {w}x{h} - {_scale(self.mpp)}",
             metadata=None,
         )
 
@@ -131,17 +156,19 @@ class SvsWriter:
         reduced: tuple[int, int] | None,
     ) -> None:
         w, h = size
-        extra = {} if reduced is None else {"subfiletype": 0}
+        extra: dict = {} if reduced is None else {"subfiletype": 0}
+        if self.compression == "jpeg":  # the settings encode_tile uses for pre-encoded level-0 tiles
+            extra |= {"compressionargs": {"level": self.quality}, "subsampling": (2, 2)}
         self._tw.write(
             iter(tiles),
             shape=(h, w, 3),
             dtype=np.uint8,
             tile=(TILE_PX, TILE_PX),
             photometric="rgb",
-            compression="jpeg",
-            compressionargs={"level": self.quality},
-            subsampling=(2, 2),
-            description=_description(self.width, self.height, self.mpp, self.quality, reduced),
+            compression=self.compression,
+            description=_description(
+                self.width, self.height, self.mpp, self.quality, reduced, self.compression
+            ),
             metadata=None,
             **extra,
         )
@@ -155,7 +182,13 @@ def thumbnail_from(level: np.ndarray, max_px: int = 1024) -> np.ndarray:
     return cv2.resize(level, size, interpolation=cv2.INTER_AREA)
 
 
-def write_svs(image: np.ndarray, path: str | Path, mpp: float, quality: int = JPEG_QUALITY) -> None:
+def write_svs(
+    image: np.ndarray,
+    path: str | Path,
+    mpp: float | None,
+    quality: int = JPEG_QUALITY,
+    compression: int | str = "jpeg",
+) -> None:
     """Write an in-memory RGB image as an Aperio SVS with a 4x pyramid and a thumbnail.
 
     For small images (tests, benchmarks, mosaics of photographs): every level is held in memory.
@@ -167,9 +200,13 @@ def write_svs(image: np.ndarray, path: str | Path, mpp: float, quality: int = JP
     path
         Output ``.svs`` path.
     mpp
-        Level-0 pixel size, um/px (written as the Aperio ``MPP`` and its ``AppMag``).
+        Level-0 pixel size, um/px (written as the Aperio ``MPP`` and its ``AppMag``); None writes
+        neither, as a scan whose pixel size was lost.
     quality
         JPEG quality of the tiles.
+    compression
+        ``jpeg``, or another tifffile compression of the tiled levels: 33005 (Aperio's JPEG 2000, which
+        OpenSlide reads) or ``jpeg2000`` (34712, which OpenSlide refuses).
     """
     image = np.ascontiguousarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
@@ -180,8 +217,9 @@ def write_svs(image: np.ndarray, path: str | Path, mpp: float, quality: int = JP
         prev = levels[-1]
         size = (math.ceil(prev.shape[1] / 4), math.ceil(prev.shape[0] / 4))
         levels.append(cv2.resize(prev, size, interpolation=cv2.INTER_AREA))
-    with SvsWriter(path, w, h, mpp, quality) as svs:
-        svs.write_level0(encode_tile(t, quality) for t in tiles_of(image))
+    with SvsWriter(path, w, h, mpp, quality, compression) as svs:
+        jpeg = compression == "jpeg"
+        svs.write_level0(encode_tile(t, quality) if jpeg else t for t in tiles_of(image))
         svs.write_thumbnail(thumbnail_from(levels[-1]))
         for level in levels[1:]:
             svs.write_level(tiles_of(level), (level.shape[1], level.shape[0]))
