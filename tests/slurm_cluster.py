@@ -38,9 +38,9 @@ PACKAGES = "slurmctld slurmd slurm-client munge"
 #: How long the daemons may take to start, and the queue to empty after scancel, s.
 START_TIMEOUT_S = 30.0
 DRAIN_TIMEOUT_S = 30.0
-#: CPUs and memory the node offers (the machine has 2 cores; jobs ask for 2 GB or less each).
+#: CPUs and memory the node offers (SLURM counts a job's --mem in MiB: two jobs of "4GB" need 8192 MB).
 NODE_CPUS = 2
-NODE_MEMORY_MB = 8000
+NODE_MEMORY_MB = 16000
 PARTITION = "debug"
 
 SLURM_CONF = """\

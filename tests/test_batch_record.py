@@ -7,6 +7,7 @@ import csv
 import json
 import multiprocessing
 from pathlib import Path
+from typing import Any
 
 from pipeline.batch import SlideOutcome, _Record
 
@@ -15,7 +16,7 @@ ROUNDS = 40
 TASKS = 4
 
 
-def _hammer(out: str, slides: list[str], barrier) -> None:  # noqa: ANN001
+def _hammer(out: str, slides: list[str], barrier: Any) -> None:
     """One command's record: every slide set ROUNDS times, the last time ``done`` with cells = ROUNDS."""
     record = _Record(Path(out), [Path(s) for s in slides])
     barrier.wait()

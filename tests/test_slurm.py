@@ -39,6 +39,10 @@ EXAMPLES = REPO / "examples" / "slurm"
 RUN_OPTIONS = ["--tile-px", "256", "--quiet"]
 #: The shortest SLURM time limit (SLURM counts whole minutes).
 SHORT_WALLTIME = "00:01:00"
+WALLTIME_S = 60.0
+#: Copies of the sample slide in the walltime test: 3-8 s of work each on one core, more in all than the
+#: first worker's lifetime (at most 45 s) even on a fast machine, so that a replacement must finish it.
+WALLTIME_SLIDES = 18
 RUN_TIMEOUT_S = 240.0
 
 
@@ -246,28 +250,34 @@ def wait_for_a_draft(slurm: SlurmCluster, proc: subprocess.Popen, out: Path) -> 
 
 
 def test_workers_leave_before_a_short_walltime_and_replacements_finish(slurm, clean, tmp_path):
-    # One single-core job with SLURM's shortest time limit, and a run several times longer: its worker
-    # retires before the limit (--lifetime), and new jobs take over until the batch is done.
-    slides = copies(SAMPLE, tmp_path / "slides", [f"w{i}" for i in range(10)])
+    # One single-core job with SLURM's shortest time limit, and a run longer than that: its worker
+    # retires before the limit (--lifetime), and new jobs take over until the batch is done. Between a
+    # worker leaving and its replacement starting, Dask's lost-worker-timeout (15 s) passes idle.
+    slides = copies(SAMPLE, tmp_path / "slides", [f"w{i}" for i in range(WALLTIME_SLIDES)])
     before = set(slurm.finished())
     out = tmp_path / "out"
     started = time.monotonic()
-    code, _, stderr = finish(start_run(slurm, slides, out, jobs=1, walltime=SHORT_WALLTIME))
+    proc = start_run(slurm, slides, out, jobs=1, walltime=SHORT_WALLTIME)
+    code, _, stderr = finish(proc)
     run_s = time.monotonic() - started
     assert code == 0, stderr
     for slide in slides:
         assert_same_gallery(out / f"{slide.stem}.zarr", clean["sample"])
     jobs = new_jobs(slurm, before)
     states = {job: rec["JobState"] for job, rec in jobs.items()}
-    limit_s = 60.0
-    assert run_s > limit_s, f"the run ({run_s:.0f} s) must outlast the walltime; give it more slides"
+    durations = ", ".join(f"{seconds(jobs[j]):.0f}" for j in sorted(jobs, key=int))
+    print(f"{len(slides)} slides: run {run_s:.0f} s, jobs of {durations} s")
+    assert run_s > WALLTIME_S, f"the run ({run_s:.0f} s) must outlast the walltime; give it more slides"
     assert "TIMEOUT" not in states.values(), states  # no worker was killed by SLURM
-    # every job but the last (cancelled by the driver at the end) ended on its own, before its walltime
+    # every job but the last (cancelled by the driver at the end) lost its worker to --lifetime before
+    # its walltime; the driver cancels such a job if its nanny has not ended it yet
     ids = sorted(jobs, key=int)
     assert len(ids) >= 2, states
-    assert all(states[j] == "COMPLETED" and seconds(jobs[j]) < limit_s for j in ids[:-1]), jobs
+    for job in ids[:-1]:
+        log = _text(out / "logs" / "slurm" / f"dask-worker-{job}.err")
+        assert "Reason: worker-lifetime-reached" in log, log
+        assert states[job] in ("COMPLETED", "CANCELLED") and seconds(jobs[job]) < WALLTIME_S, jobs[job]
     assert states[ids[-1]] in ("CANCELLED", "COMPLETED")
-    print(f"run {run_s:.0f} s with jobs lasting " + ", ".join(f"{seconds(jobs[j]):.0f}" for j in ids) + " s")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
