@@ -230,7 +230,7 @@ class SlurmCluster:
             )
         )
         self.env["SLURM_CONF"] = str(conf)
-        # -i: ignore any saved state (there is none: a fresh folder); -f: this conf, also for pgrep
+        # -i: ignore any saved state (there is none: a fresh folder); -f: this conf, also for leftovers()
         self._spawn("slurmctld", ["-i", "-f", str(conf)], self.root / "run" / "slurmctld.pid")
         self._spawn("slurmd", ["-f", str(conf), "-N", host], self.root / "run" / "slurmd.pid")
         self.wait_until(
@@ -270,16 +270,24 @@ class SlurmCluster:
         return left
 
     def leftovers(self) -> list[str]:
-        """Live processes of this cluster: its daemons, and job step daemons (``slurmstepd``) with the
-        job processes under them. Zombies are dead, only waiting for init to collect them."""
-        found = _pgrep("-f", f"{self.root}|{self.munge_dir}") + _pgrep("-x", "slurmstepd")
-        found += [(pid, name) for name, pid in self.daemons.items()]
-        return sorted({f"{pid} {what}" for pid, what in found if pid != os.getpid() and _alive(pid)})
-
-
-def _pgrep(*args: str) -> list[tuple[int, str]]:
-    out = subprocess.run(["pgrep", "-a", *args], capture_output=True, text=True, check=False).stdout
-    return [(int(line.split(maxsplit=1)[0]), line) for line in out.splitlines() if line.strip()]
+        """Live processes of this cluster: its daemons (by pid, and by their folders on the command
+        line, as ``pgrep -f`` would find them), and every process started with its ``SLURM_CONF``
+        (slurmctld's helper, job step daemons, the jobs' processes). Zombies are dead, only waiting
+        for init to collect them."""
+        folders = [str(p) for p in (self.root, self.munge_dir) if p is not None]
+        conf = f"SLURM_CONF={self.env.get('SLURM_CONF')}".encode()
+        found = {pid: name for name, pid in self.daemons.items()}
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:  # /proc, not pgrep: procps may not be installed
+                command = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:  # ended meanwhile
+                continue
+            if any(folder in command for folder in folders) or conf in environ:
+                found[int(proc.name)] = command
+        return [f"{pid} {what}" for pid, what in sorted(found.items()) if _alive(pid)]
 
 
 def _alive(pid: int) -> bool:

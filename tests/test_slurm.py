@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -167,7 +168,7 @@ def seconds(job: dict[str, str]) -> float:
 
 
 @pytest.fixture
-def slurm(slurm_cluster: SlurmCluster) -> SlurmCluster:
+def slurm(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
     """The session's SLURM with an empty queue, emptied again after the test."""
     slurm_cluster.clear()
     yield slurm_cluster
