@@ -44,10 +44,15 @@ def simulate_missing(folder: Path, n_slides: int, size_mm: float, preset: str) -
     return slides
 
 
-def bench(slides: list[str], out: Path, workers: int) -> dict[str, float]:
-    """One batch with ``workers`` local workers into a fresh ``out``; its measurements."""
+def bench(slides: list[str], out: Path, workers: int, where: list[str] | None = None) -> dict[str, float]:
+    """One batch with ``workers`` local workers into a fresh ``out``; its measurements.
+
+    ``where`` replaces ``--workers N`` (e.g. ``--cluster slurm --jobs 2 ...``; ``workers`` is then only
+    reported).
+    """
     shutil.rmtree(out, ignore_errors=True)
-    command = [sys.executable, "-m", "pipeline", "run", *slides, "--out", str(out), "--workers", str(workers)]
+    command = [sys.executable, "-m", "pipeline", "run", *slides, "--out", str(out)]
+    command += ["--workers", str(workers)] if where is None else where
     measured = run_measured([*command, "--quiet"])
     record_path = out / "batch.json"
     if not record_path.exists():
@@ -70,13 +75,32 @@ def bench(slides: list[str], out: Path, workers: int) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> list[dict[str, float]]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def table_row(label: str, r: dict[str, float] | None = None, width: int = 7) -> str:
+    """A row of the results table (the header without ``r``)."""
+    if r is None:
+        return (
+            f"{label:>{width}} {'slides':>6} {'done':>6} {'failed':>6} {'cells':>7} {'seconds':>8} "
+            f"{'slides/h':>9} {'median s/slide':>14} {'peak RSS MB':>11} {'driver MB':>9}"
+        )
+    return (
+        f"{label:>{width}} {r['slides']:>6} {r['done']:>6} {r['failed']:>6} {r['cells']:>7} "
+        f"{r['seconds']:>8.1f} {r['slides_per_hour']:>9.0f} {r['median_slide_s']:>14.1f} "
+        f"{r['peak_rss_mb']:>11.0f} {r['peak_driver_rss_mb']:>9.0f}"
+    )
+
+
+def add_slide_arguments(parser: argparse.ArgumentParser, size_mm: float) -> None:
+    """The slides to run: given, or simulated once into a folder (``--simulate N --size-mm S``)."""
     parser.add_argument("slides", nargs="*", help="slide files, folders or globs (default: --simulate)")
     parser.add_argument("--simulate", type=int, default=8, help="slides to simulate when none are given")
-    parser.add_argument("--size-mm", type=float, default=5.0, help="side of simulated slides, mm")
+    parser.add_argument("--size-mm", type=float, default=size_mm, help="side of simulated slides, mm")
     parser.add_argument("--preset", default="mll23", help="blood preset of simulated slides")
     parser.add_argument("--folder", type=Path, default=None, help="where simulated slides go (kept)")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, float]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_slide_arguments(parser, size_mm=5.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to compare")
     parser.add_argument("--out", type=Path, default=None, help="output root (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -88,19 +112,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
             slides = [str(s) for s in simulate_missing(folder, args.simulate, args.size_mm, args.preset)]
         out_root = args.out or Path(tmp) / "out"
         results = []
-        print(
-            f"{'workers':>7} {'slides':>6} {'done':>6} {'failed':>6} {'cells':>7} {'seconds':>8} "
-            f"{'slides/h':>9} {'median s/slide':>14} {'peak RSS MB':>11} {'driver MB':>9}"
-        )
+        print(table_row("workers"))
         for workers in args.workers:
             r = bench(slides, out_root / f"workers-{workers}", workers)
             results.append(r)
-            print(
-                f"{workers:>7} {r['slides']:>6} {r['done']:>6} {r['failed']:>6} {r['cells']:>7} "
-                f"{r['seconds']:>8.1f} {r['slides_per_hour']:>9.0f} {r['median_slide_s']:>14.1f} "
-                f"{r['peak_rss_mb']:>11.0f} "
-                f"{r['peak_driver_rss_mb']:>9.0f}"
-            )
+            print(table_row(str(workers), r))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
     return results

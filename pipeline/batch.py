@@ -3,7 +3,8 @@
 Slides run in driver threads that share one Dask client, so tile tasks of several slides interleave on
 the workers: a big slide does not hold up the batch and many small ones keep every worker busy. A slide
 that fails (a corrupt file, no MPP, ...) is recorded with its one-line reason and the others go on.
-``OUT/batch.json`` and ``OUT/batch.csv`` are rewritten (atomically) after every slide, each slide
+``OUT/batch.json`` and ``OUT/batch.csv`` are rewritten (atomically) after every slide, keeping the rows
+of other commands that write into the same folder (one after the other, or at once), each slide
 logs to ``OUT/logs/<stem>.log`` and the batch to ``OUT/batch.log``.
 
 The driver's memory is bounded by the slides in flight, not by the batch: a finished slide leaves only
@@ -23,7 +24,7 @@ import traceback
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -94,35 +95,82 @@ def expand_slides(specs: Iterable[str]) -> list[Path]:
 
 
 class _Record:
-    """The batch record on disk, rewritten atomically as outcomes arrive (thread-safe)."""
+    """The batch record on disk, one row per gallery of the output folder (thread- and process-safe).
+
+    Several commands may write into one folder, one after the other or at once (the tasks of a SLURM job
+    array): every update re-reads ``batch.json`` and merges this command's rows into it under
+    :data:`RECORD_LOCK_NAME` (the gallery lock of :mod:`pipeline.lock`, which also works on NFS), so the
+    record keeps every slide's latest row, whichever command wrote it. Rows are keyed by the gallery they
+    describe (``<stem>.zarr``): a slide run again replaces its row. Both files are replaced atomically.
+    """
 
     def __init__(self, out_dir: Path, slides: list[Path]):
         self.out_dir = out_dir
         self.rows: dict[str, SlideOutcome] = {
-            str(s): SlideOutcome(str(s), "pending", 0, 0, 0.0, "") for s in slides
+            _row_key(str(s)): SlideOutcome(str(s), "pending", 0, 0, 0.0, "") for s in slides
         }
         self.lock = threading.Lock()
 
     def set(self, outcome: SlideOutcome) -> None:
         with self.lock:
-            self.rows[outcome.slide] = outcome
-            self._write()
+            self.rows[_row_key(outcome.slide)] = outcome
+            with _record_lock(self.out_dir):
+                rows = _read_rows(self.out_dir / "batch.json")
+                rows.update((key, asdict(row)) for key, row in self.rows.items())
+                self._write(list(rows.values()))
 
-    def _write(self) -> None:
-        rows = [asdict(r) for r in self.rows.values()]
+    def _write(self, rows: list[dict[str, Any]]) -> None:
         summary = {
             "slides": len(rows),
-            "done": sum(r["status"] == "done" for r in rows),
-            "skipped": sum(r["status"] == "skipped" for r in rows),
-            "failed": sum(r["status"] == "failed" for r in rows),
-            "cells": sum(r["cells"] for r in rows),
+            "done": sum(r.get("status") == "done" for r in rows),
+            "skipped": sum(r.get("status") == "skipped" for r in rows),
+            "failed": sum(r.get("status") == "failed" for r in rows),
+            "cells": sum(int(r.get("cells") or 0) for r in rows),
         }
         with atomic_path(self.out_dir / "batch.json") as tmp:
             tmp.write_text(json.dumps({"summary": summary, "slides": rows}, indent=2))
         with atomic_path(self.out_dir / "batch.csv") as tmp, open(tmp, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=BATCH_FIELDS)
+            writer = csv.DictWriter(fh, fieldnames=BATCH_FIELDS, restval="", extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
+
+
+#: The lock file name that guards read-modify-writes of the batch record (``OUT/.batch.json.lock``).
+RECORD_LOCK_NAME = "batch.json"
+#: How long to wait for another command's update of the record (each holds it for milliseconds), s.
+RECORD_LOCK_WAIT_S = 60.0
+
+
+def _row_key(slide: str) -> str:
+    return gallery_path(slide, ".").name
+
+
+@contextmanager
+def _record_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the record's lock, waiting while another command updates the record."""
+    deadline = time.monotonic() + RECORD_LOCK_WAIT_S
+    lock = out_dir / RECORD_LOCK_NAME
+    with ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(gallery_lock(lock))
+                break
+            except GalleryError as exc:
+                # Held by another command: wait. A lock file that cannot be made (an unwritable folder),
+                # or a holder keeping it far longer than an update takes, is an error.
+                if isinstance(exc.__cause__, OSError) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        yield
+
+
+def _read_rows(path: Path) -> dict[str, dict[str, Any]]:
+    """The rows of an existing record by gallery name; none if there is no readable record."""
+    try:
+        rows = json.loads(path.read_text())["slides"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # no record yet; or a damaged one, which the rows of this command replace
+    return {_row_key(str(row["slide"])): row for row in rows if isinstance(row, dict) and "slide" in row}
 
 
 def one_line(exc: BaseException) -> str:

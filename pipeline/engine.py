@@ -19,6 +19,8 @@ import logging
 import os
 import pickle
 import re
+import signal
+import threading
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -226,18 +228,28 @@ def slurm_cluster_kwargs(
 def _worker_lifetime(wall_s: int) -> tuple[int, int] | None:
     """Worker lifetime and stagger, s, that end every worker before the job's walltime."""
     # Leave a margin for a graceful retirement (tasks hand over, data moves); stagger so the jobs'
-    # workers do not all leave at once. Jobs shorter than 5 min get none: they could do no work.
-    if wall_s < 300:
+    # workers do not all leave at once. Short jobs (a debug partition's few minutes) keep half their
+    # walltime as margin, so they still work half of it. A time limit of 0 is none at all in SLURM.
+    if wall_s <= 0:
         return None
-    margin = int(min(600, max(60, wall_s // 10)))
+    if wall_s < 300:
+        margin = wall_s // 2
+    else:
+        margin = int(min(600, max(60, wall_s // 10)))
     return wall_s - margin, margin // 2
 
 
 def _slurm_cluster(options: SlurmOptions, default_log_directory: str | None) -> Any:
+    # dask-jobqueue (0.9) sets SIGINT to sys.exit() when first imported: Ctrl-C of a SLURM run then ended
+    # it with exit code 0 and no message, as if it had finished. The caller's handler is put back.
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         from dask_jobqueue import SLURMCluster
     except ImportError as exc:
         raise PipelineError(f"--cluster slurm needs dask-jobqueue: {_SLURM_INSTALL_HINT}") from exc
+    finally:
+        if sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, sigint)
     kwargs = slurm_cluster_kwargs(options, default_log_directory=default_log_directory)
     if kwargs.get("log_directory") is not None:
         # absolute: the jobs start in the submission folder, which need not be the driver's

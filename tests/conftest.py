@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.slurm_cluster import slurm_cluster  # noqa: F401  (a real SLURM for tests/test_slurm.py)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_SLIDES = SHARED / "data" / "slides"
 BCCD = SHARED / "data" / "bccd"

@@ -2,8 +2,9 @@
 
 The cluster tests start ``dask scheduler`` and two ``dask worker`` processes, then run the ``run`` command
 against them: a batch with a truncated slide in it, a re-run that must skip what is finished, and a run
-during which one worker process is killed. SLURM is not available here: its tests check the mapping of
-options to ``SLURMCluster`` arguments and the job script dask-jobqueue generates from them.
+during which one worker process is killed. The SLURM tests here check the mapping of options to
+``SLURMCluster`` arguments and the job script dask-jobqueue generates from them; runs on a real SLURM are
+in tests/test_slurm.py.
 """
 
 from __future__ import annotations
