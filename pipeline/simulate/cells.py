@@ -298,7 +298,7 @@ def _nucleus(rng: np.random.Generator, grid: _Grid, recipe: _Recipe, radius: flo
         return np.clip(base - _disc(grid, nx, ny, notch_r), 0.0, 1.0)
     if shape == "band":
         arc_r = radius * rng.uniform(0.42, 0.52)
-        thick = rng.uniform(1.5, 2.1)
+        thick = rng.uniform(2.0, 2.6)
         span = rng.uniform(0.9, 1.4) * np.pi
         return _arc(grid, arc_r, thick, angle, span)
     if shape in ("lobes", "bilobed"):
@@ -330,11 +330,11 @@ def _arc(grid: _Grid, arc_r: float, thick: float, angle: float, span: float) -> 
 def _lobes(rng: np.random.Generator, grid: _Grid, radius: float, n: int, folded: bool) -> np.ndarray:
     # Lobes of a segmented neutrophil together make ~1/3 of the cell's area (DESIGN-NOTES section 2).
     lobe_r = radius * (
-        rng.uniform(0.32, 0.4) if folded else rng.uniform(0.27, 0.33) * (3.0 / max(n, 3)) ** 0.5
+        rng.uniform(0.32, 0.4) if folded else rng.uniform(0.33, 0.39) * (3.0 / max(n, 3)) ** 0.5
     )
     centres = []
     start = rng.uniform(0, 2 * np.pi)
-    ring = radius * (0.28 if folded else 0.38)
+    ring = radius * (0.28 if folded else 0.5)
     for k in range(n):
         a = start + (k - (n - 1) / 2) * (2 * np.pi / max(n, 3)) * rng.uniform(0.8, 1.1)
         centres.append((ring * math.cos(a), ring * math.sin(a)))
@@ -377,23 +377,33 @@ def _dots(
 
 
 def _red_cell(rng: np.random.Generator, cx: float, cy: float, mpp: float, spread: float) -> CellSprite:
-    d = rng.uniform(7.0, 8.0) * spread
+    # Sizes and shapes vary (anisocytosis within normal limits, slightly oval or irregular outlines);
+    # a biconcave disc is thick at the rim and thin in the centre, so it shows a dark rim and a pale
+    # centre whose size and paleness vary from cell to cell (some hardly any).
+    d = float(np.clip(rng.normal(7.9, 0.5), 6.6, 9.0)) * spread
     r = d / 2
-    grid = _Grid(cx, cy, mpp, r * 1.15)
+    grid = _Grid(cx, cy, mpp, r * 1.2)
     angle = rng.uniform(0, np.pi)
-    ecc = rng.uniform(0.9, 1.0)
+    ecc = rng.uniform(0.86, 1.0)
     u, v = grid.rotated(angle)
-    rho = np.hypot(u, v / ecc)
+    phi = np.arctan2(v, u)
+    wobble = 1.0 + sum(rng.uniform(0.0, 0.03) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3))
+    rho = np.hypot(u, v / ecc) / wobble
     body = grid.soft(rho - r)
+    t = np.clip(rho / r, 0.0, 1.0)
+    strength = rng.uniform(0.85, 1.15) / spread**2
     if spread > 1.1:  # flattened at the feathered edge: no pale centre
-        profile = np.full(grid.shape, 0.8 / spread**2, np.float32)
+        profile = np.full(grid.shape, 0.8, np.float32)
     else:
-        pallor = rng.uniform(0.4, 0.6)
-        t = np.clip(rho / r, 0.0, 1.0)
-        profile = (pallor + (1.15 - pallor) * np.clip((t - 0.2) / 0.6, 0, 1) ** 1.5).astype(np.float32)
-        profile *= 1.0 / spread**2
+        centre = rng.uniform(0.4, 1.0)
+        inner = rng.uniform(0.1, 0.4)
+        outer = inner + rng.uniform(0.25, 0.4)
+        ramp = np.clip((t - inner) / (outer - inner), 0.0, 1.0)
+        profile = centre + (1.12 - centre) * ramp * ramp * (3 - 2 * ramp)
+        # the rim rounds off towards the very edge of the cell
+        profile *= 1.0 - 0.3 * np.clip((t - 0.85) / 0.15, 0.0, 1.0) ** 2
     conc = np.zeros((*grid.shape, 3), np.float32)
-    conc[..., EOSIN] = body * profile * _texture(rng, grid, 1.0, 0.03)
+    conc[..., EOSIN] = body * (strength * profile).astype(np.float32) * _texture(rng, grid, 1.0, 0.04)
     area = float(body.sum()) * mpp * mpp
     return CellSprite(grid.y0, grid.x0, conc, 2 * math.sqrt(area / math.pi), 0.0)
 
@@ -402,10 +412,12 @@ def _platelet(rng: np.random.Generator, cx: float, cy: float, mpp: float, spread
     d = rng.uniform(2.0, 3.0) * spread
     grid = _Grid(cx, cy, mpp, d)
     body = _body(rng, grid, d / 2, False)
-    granular = _texture(rng, grid, 0.3, 0.35)
+    # A pale lilac hyalomere with a darker granular centre (granulomere).
+    granular = _texture(rng, grid, 0.3, 0.5)
+    centre = np.clip(1.0 - np.hypot(grid.u, grid.v) / (d / 2), 0.0, 1.0)
     conc = np.zeros((*grid.shape, 3), np.float32)
-    conc[..., CHROMATIN] = body * 0.55 * granular
-    conc[..., BLUE] = body * 0.3
+    conc[..., CHROMATIN] = body * (0.08 + 0.22 * centre) * granular * rng.uniform(0.7, 1.3)
+    conc[..., BLUE] = body * 0.15
     area = float(body.sum()) * mpp * mpp
     return CellSprite(grid.y0, grid.x0, conc, 2 * math.sqrt(area / math.pi), 0.0)
 

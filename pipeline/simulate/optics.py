@@ -60,8 +60,14 @@ class Optics:
     glass_tint_od: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) colour of that film
 
 
-def draw_optics(seed: int, mpp: float, width_px: int, height_px: int) -> Optics:
-    """Draw one slide's optics and camera from its seed."""
+def draw_optics(
+    seed: int, mpp: float, width_px: int, height_px: int, focus: bool = True, seams: bool = True
+) -> Optics:
+    """Draw one slide's optics and camera from its seed.
+
+    ``focus=False`` removes the out-of-focus patches (the gentle defocus stays); ``seams=False`` makes
+    every camera field alike (no vignetting, gain or tint steps at the stitching lines).
+    """
     rng = block_rng(seed, _B_OPTICS)
     n = 4
     wavelength = rng.uniform(1500.0, 6000.0, n)
@@ -76,19 +82,23 @@ def draw_optics(seed: int, mpp: float, width_px: int, height_px: int) -> Optics:
     )
     # A 2448 x 2048 camera at 40x: fields of ~0.6 x 0.5 mm at 0.25 um/px.
     field_um = (2448 * 0.25, 2048 * 0.25)
-    white = 243.0 * np.exp(rng.normal(0.0, 0.015, 3)) - rng.uniform(0, 6)
+    # Glass is rarely white: it is warm, bluish or grey. Drawn to match the glass of real photographs
+    # (benchmarks/realism.py: median about (214, 210, 204)), but kept above 200 in every channel as a
+    # slide scanner calibrates its white (photographs go down to 140).
+    level = rng.uniform(208.0, 222.0)
+    white = level * np.array([rng.uniform(1.0, 1.06), 1.0, rng.uniform(0.965, 0.995)])
     return Optics(
         seed=seed,
         mpp=mpp,
         psf_sigma_um=BLUR_LEVELS_UM[0],
         defocus_waves=waves,
         defocus_base_um=float(rng.uniform(0.05, 0.25)),
-        patch_rate_per_mm2=float(rng.uniform(0.05, 0.2)),
+        patch_rate_per_mm2=float(rng.uniform(0.05, 0.2)) * focus,
         # Fields are whole numbers of smooth-field blocks, so each block lies in one camera field.
         field_px=(_blocks(field_um[0] / mpp), _blocks(field_um[1] / mpp)),
-        vignetting=float(rng.uniform(0.05, 0.12)),
-        field_gain_sd=float(rng.uniform(0.01, 0.025)),
-        white_rgb=np.clip(white, 200, 252),
+        vignetting=float(rng.uniform(0.05, 0.12)) * seams,
+        field_gain_sd=float(rng.uniform(0.005, 0.015)) * seams,
+        white_rgb=np.clip(white, 120, 252),
         gradient=rng.normal(0.0, 0.02, 5),
         slide_size_px=(width_px, height_px),
         electrons_per_dn=float(rng.uniform(25.0, 60.0)),
@@ -97,6 +107,7 @@ def draw_optics(seed: int, mpp: float, width_px: int, height_px: int) -> Optics:
         glass_od_mean=float(rng.uniform(0.0, 0.04)),
         glass_od_amplitude=float(rng.uniform(0.005, 0.03)),
         glass_tint_od=np.array([1.0, 1.0, 1.0]),
+        seam_tint=0.006 * seams,
     )
 
 

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 
 from ._hash import block_rng
+from .artefacts import add_edge_and_label, artefact_sprites, unscanned_fields
 from .cells import MAX_DIAMETER_UM, MLL23_CLASSES, CellSprite, render_cell
 from .optics import (
     Optics,
@@ -25,7 +26,15 @@ from .optics import (
     smooth_fields,
     workspace,
 )
-from .scene import N_PLATELET_VARIANTS, N_RBC_VARIANTS, NucleatedCells, Scene, SceneSpec, select_cells
+from .scene import (
+    N_PLATELET_VARIANTS,
+    N_RBC_VARIANTS,
+    NucleatedCells,
+    Scene,
+    SceneSpec,
+    SimpleObjects,
+    select_cells,
+)
 from .stain import slide_stain_matrix
 
 _LN10 = math.log(10.0)
@@ -43,7 +52,15 @@ class SlideModel:
 
     def __post_init__(self) -> None:
         self.scene = Scene(self.spec)
-        self.optics = draw_optics(self.spec.seed, self.spec.mpp, self.spec.width_px, self.spec.height_px)
+        spec = self.spec
+        self.optics = draw_optics(
+            spec.seed,
+            spec.mpp,
+            spec.width_px,
+            spec.height_px,
+            focus="focus" in spec.artefacts,
+            seams="seams" in spec.artefacts,
+        )
         self.stain_matrix = slide_stain_matrix(block_rng(self.spec.seed, _B_STAIN))
 
     def od_bank(self, kind: str, n: int, spread: float) -> tuple[tuple[int, int, np.ndarray], ...]:
@@ -89,6 +106,27 @@ def _sprite_bank(seed: int, mpp: float, kind: str, n: int, spread: float) -> tup
     kind_key = {"red_cell": 1, "platelet": 2}[kind]
     seeds = block_rng(seed, _B_BANK, kind_key, round(spread * 1000)).integers(0, 2**62, n)
     return tuple(render_cell(kind, int(s), 0.5, 0.5, mpp, spread) for s in seeds)
+
+
+def simple_object_diameters_um(
+    model: SlideModel, red: SimpleObjects, platelets: SimpleObjects
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drawn diameters (um) of red cells and platelets, as :func:`render_region` draws them."""
+    spreads = _red_cell_spreads(model.scene.spread(red.x_um, red.y_um))
+    red_d = np.zeros(len(red))
+    for spread in np.unique(spreads):
+        bank = _sprite_bank(model.spec.seed, model.spec.mpp, "red_cell", N_RBC_VARIANTS, float(spread))
+        sizes = np.array([s.diameter_um for s in bank])
+        mask = spreads == spread
+        red_d[mask] = sizes[red.variant[mask]]
+    bank = _sprite_bank(model.spec.seed, model.spec.mpp, "platelet", N_PLATELET_VARIANTS, 1.0)
+    plt_d = np.array([s.diameter_um for s in bank])[platelets.variant] if len(platelets) else np.zeros(0)
+    return red_d, plt_d
+
+
+def _red_cell_spreads(spreads: np.ndarray) -> np.ndarray:
+    """The sprite bank (by its spread) each red cell is drawn from: flattened, contracted or normal."""
+    return np.where(spreads > 1.1, 1.25, np.where(spreads < 0.95, 0.92, 1.0))
 
 
 def _paste(canvas: np.ndarray, cy0: int, cx0: int, sprite: np.ndarray, sy0: int, sx0: int) -> None:
@@ -158,11 +196,9 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     red = scene.red_cells(ax0, ay0, ax1, ay1, nucleated)
     platelets = scene.platelets_in_rect(ax0, ay0, ax1, ay1)
 
-    spreads = scene.spread(red.x_um, red.y_um)
-    flattened = spreads > 1.1
-    contracted = spreads < 0.95
-    normal = ~(flattened | contracted)
-    for mask, spread in ((normal, 1.0), (flattened, 1.25), (contracted, 0.92)):
+    spreads = _red_cell_spreads(scene.spread(red.x_um, red.y_um))
+    for spread in (1.0, 1.25, 0.92):
+        mask = spreads == spread
         if mask.any():
             bank = model.od_bank("red_cell", N_RBC_VARIANTS, spread)
             _paste_bank(canvas, cy0, cx0, bank, red.x_um[mask], red.y_um[mask], red.variant[mask], mpp)
@@ -194,6 +230,10 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
         diameters[k] = sprite.diameter_um
         nucleus_areas[k] = sprite.nucleus_area_um2
 
+    for sy0, sx0, od in artefact_sprites(spec, ax0, ay0, ax1, ay1):
+        _paste(canvas, cy0, cx0, od, sy0, sx0)
+    add_edge_and_label(canvas, spec, cy0, cx0)
+
     # The canvas holds optical density; light through it is 10^-OD.
     canvas *= np.float32(-_LN10)
     transmittance = cv2.exp(canvas, canvas)
@@ -201,6 +241,7 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     core = apply_blur(transmittance, halo, level_index, mpp)
     intensity = np.multiply(core, glass, out=core)
     rgb = add_sensor_noise(intensity, model.optics, y0, x0)
+    unscanned_fields(rgb, spec, model.optics.field_px, y0, x0, lambda x, y: scene.thickness(x, y) <= 0.0)
 
     core_red = (
         (red.x_um >= x0 * mpp)

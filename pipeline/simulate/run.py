@@ -31,7 +31,7 @@ from ..errors import ParameterError
 from ._level1 import Level1Store
 from .cells import MLL23_CLASSES
 from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
-from .presets import get_preset
+from .presets import ARTEFACTS, get_preset, parse_artefacts
 from .render import SlideModel, render_region
 from .scene import PLACEMENTS, PUSH_ASIDE_MAX_THICKNESS, SceneSpec
 from .svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, thumbnail_from, tiles_of
@@ -146,6 +146,7 @@ def simulate_slide(
     chunk_px: int = 1024,
     progress: bool = True,
     client: object | None = None,
+    artefacts: str | frozenset[str] = "all",
 ) -> SimulationResult:
     """Simulate a whole-slide scan of a blood smear and write it as an Aperio SVS with ground truth.
 
@@ -173,6 +174,9 @@ def simulate_slide(
         Show a progress bar.
     client
         An existing ``distributed.Client`` to use instead of starting a local cluster.
+    artefacts
+        Artefacts of real slides to include: ``"all"``, ``"none"``, a comma-separated list or a set of
+        names from :data:`pipeline.simulate.presets.ARTEFACTS`.
 
     Returns
     -------
@@ -186,7 +190,11 @@ def simulate_slide(
     blood = get_preset(preset)
     width_px = round(width_mm * 1000.0 / mpp)
     height_px = round(height_mm * 1000.0 / mpp)
-    model = SlideModel(SceneSpec(width_px, height_px, mpp, seed, blood, placement))
+    chosen = parse_artefacts(artefacts) if isinstance(artefacts, str) else frozenset(artefacts)
+    unknown = sorted(chosen - set(ARTEFACTS))
+    if unknown:
+        raise ParameterError(f"unknown artefact(s) {', '.join(unknown)}; valid: {', '.join(ARTEFACTS)}")
+    model = SlideModel(SceneSpec(width_px, height_px, mpp, seed, blood, placement, chosen))
 
     stem = out.name[: -len(out.suffix)]
     truth_path = out.with_name(stem + ".truth.csv")
@@ -362,6 +370,7 @@ def _truth_tables(
         "seed": seed,
         "preset": asdict(get_preset(preset)),
         "placement": placement,
+        "artefacts": sorted(spec.artefacts),
         "mpp": spec.mpp,
         "width_px": spec.width_px,
         "height_px": spec.height_px,
