@@ -107,6 +107,8 @@ def _disc_masks(
 ) -> tuple[tuple[slice, slice], np.ndarray] | None:
     """Window around a disc, and its pixels' distance to the centre in radii; None if cut by the border."""
     h, w = shape
+    if not radius_px >= 2.0:  # a degenerate box
+        return None
     r = math.ceil(radius_px) + 1
     if x - r < 0 or y - r < 0 or x + r >= w or y + r >= h:
         return None

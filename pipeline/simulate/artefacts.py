@@ -68,7 +68,9 @@ def _block_artefacts(seed: int, bx: int, by: int, kinds: tuple[str, ...]) -> tup
     return tuple(rows)
 
 
+@lru_cache(maxsize=256)
 def _draw(kind: str, seed: int, cx: float, cy: float, mpp: float) -> tuple[int, int, np.ndarray]:
+    # Cached: neighbouring render chunks reach the same artefacts.
     rng = np.random.default_rng(seed)
     if kind == "dust":
         return _dust(rng, cx, cy, mpp)
@@ -78,9 +80,12 @@ def _draw(kind: str, seed: int, cx: float, cy: float, mpp: float) -> tuple[int, 
 
 
 def _dust(rng: np.random.Generator, cx: float, cy: float, mpp: float) -> tuple[int, int, np.ndarray]:
-    grid = _Grid(cx, cy, mpp, MAX_ARTEFACT_UM / 2 - 2)
-    if rng.random() < 0.3:  # a fibre: a gently curved line
-        length = rng.uniform(15.0, 35.0)
+    blur_um = rng.uniform(1.0, 3.0)
+    fibre = rng.random() < 0.3
+    length = rng.uniform(15.0, 35.0)
+    r = rng.uniform(1.0, 6.0)
+    grid = _Grid(cx, cy, mpp, (length / 2 + 2.0 if fibre else r) + 3 * blur_um)
+    if fibre:  # a gently curved line
         a, bend = rng.uniform(0, np.pi), rng.uniform(-0.04, 0.04)
         u, v = grid.rotated(a)
         along = np.clip(u, -length / 2, length / 2)
@@ -88,11 +93,10 @@ def _dust(rng: np.random.Generator, cx: float, cy: float, mpp: float) -> tuple[i
         shape = grid.soft(dist - rng.uniform(0.4, 1.0))
         od = rng.uniform(0.3, 0.8)
     else:  # a speck
-        r = rng.uniform(1.0, 6.0)
         shape = grid.soft(np.hypot(grid.u, grid.v * rng.uniform(0.6, 1.0)) - r)
         od = rng.uniform(0.15, 0.6)
     # Above the focal plane: blurred by 1-3 um.
-    shape = cv2.GaussianBlur(shape, (0, 0), rng.uniform(1.0, 3.0) / mpp)
+    shape = cv2.GaussianBlur(shape, (0, 0), blur_um / mpp)
     return grid.y0, grid.x0, (shape[..., None] * (od * _GREY)).astype(np.float32)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -85,6 +85,7 @@ class _Recipe:
     hairy: bool = False
     hof: bool = False
     rim_blue: float = 0.0
+    clumping: float = 0.3  # contrast of chromatin clumps: coarse in mature lymphocytes, fine in blasts
 
 
 _RECIPES: dict[str, _Recipe] = {
@@ -129,7 +130,7 @@ _RECIPES: dict[str, _Recipe] = {
         (0.6, 0.05, 0.0),
         lobes=(2, 2),
         granules="eosinophil",
-        granule_count=(90, 150),
+        granule_count=(350, 500),
     ),
     "basophil": _Recipe(
         (10.0, 13.0),
@@ -140,7 +141,7 @@ _RECIPES: dict[str, _Recipe] = {
         (0.5, 0.3, 0.0),
         lobes=(2, 3),
         granules="basophil",
-        granule_count=(25, 50),
+        granule_count=(70, 120),
     ),
     "monocyte": _Recipe(
         (13.0, 20.0),
@@ -198,6 +199,30 @@ _RECIPES: dict[str, _Recipe] = {
     ),
     "normoblast": _Recipe((8.0, 12.0), (0.5, 0.6), "round", 1.6, 1.0, (1.0, 0.25, 0.0)),
 }
+# Chromatin: clumped (coarse, contrasted) in mature cells, fine and even in blasts (DESIGN-NOTES 2).
+_CLUMPING = {
+    "typical_lymphocyte": 0.28,
+    "plasma_cell": 0.28,
+    "large_granular_lymphocyte": 0.26,
+    "neoplastic_lymphocyte": 0.26,
+    "normoblast": 0.18,
+    "segmented_neutrophil": 0.26,
+    "band_neutrophil": 0.26,
+    "eosinophil": 0.23,
+    "basophil": 0.2,
+    "metamyelocyte": 0.23,
+    "myelocyte": 0.2,
+    "reactive_lymphocyte": 0.2,
+    "hairy_cell": 0.15,
+    "monocyte": 0.18,
+    "smudge_cell": 0.15,
+    "promyelocyte": 0.1,
+    "atypical_promyelocyte": 0.1,
+    "myeloblast": 0.08,
+}
+_RECIPES = {name: replace(recipe, clumping=_CLUMPING[name]) for name, recipe in _RECIPES.items()}
+#: Granule kinds drawn as packed fields: granule size (um) and share of the region covered.
+_PACKED = {"fine": (0.3, 0.3)}
 _DIAMETERS: dict[str, tuple[float, float]] = {
     **{name: recipe.diameter for name, recipe in _RECIPES.items()},
     "red_cell": (7.0, 8.0),
@@ -257,6 +282,21 @@ def _texture(rng: np.random.Generator, grid: _Grid, length_um: float, amplitude:
     field = cv2.GaussianBlur(noise, (0, 0), sigma)
     field /= max(float(field.std()), 1e-6)
     return np.maximum(1.0 + amplitude * field, 0.0)
+
+
+def _clumps(rng: np.random.Generator, grid: _Grid, length_um: float, contrast: float) -> np.ndarray:
+    """Chromatin density around 1: clumps of about ``length_um`` with steep sides, +- ``contrast``."""
+    field = _texture(rng, grid, min(length_um, 0.5), 1.0) - 1.0
+    return (1.0 + contrast * np.tanh(1.5 * field)).astype(np.float32)
+
+
+def _granule_field(
+    rng: np.random.Generator, grid: _Grid, region: np.ndarray, size_um: float, cover: float
+) -> np.ndarray:
+    """Granules packed in a region: blobs of about ``size_um`` covering ``cover`` of it (0-1 values)."""
+    field = _texture(rng, grid, size_um / 2, 1.0) - 1.0
+    cut = float(np.quantile(field, 1.0 - cover))
+    return (np.clip((field - cut) * 3.0, 0.0, 1.0) * region).astype(np.float32)
 
 
 def _body(rng: np.random.Generator, grid: _Grid, radius: float, hairy: bool) -> np.ndarray:
@@ -340,8 +380,10 @@ def _lobes(rng: np.random.Generator, grid: _Grid, radius: float, n: int, folded:
         centres.append((ring * math.cos(a), ring * math.sin(a)))
     mask = np.zeros(grid.shape, np.float32)
     for x, y in centres:
-        a = lobe_r * rng.uniform(0.9, 1.15)
-        mask = np.maximum(mask, _ellipse(grid, x, y, a, a * rng.uniform(0.75, 0.95), rng.uniform(0, np.pi)))
+        # lobes are elongated along the chain, not round beads
+        a = lobe_r * rng.uniform(1.05, 1.3)
+        along = math.atan2(y, x) + np.pi / 2 + rng.uniform(-0.4, 0.4)
+        mask = np.maximum(mask, _ellipse(grid, x, y, a, lobe_r * rng.uniform(0.72, 0.92), along))
     strand = 0.3 if not folded else lobe_r * 0.8
     for (x1, y1), (x2, y2) in itertools.pairwise(centres):
         mask = np.maximum(mask, _segment(grid, x1, y1, x2, y2, strand))
@@ -478,7 +520,13 @@ def render_cell(
     if n_vac:
         vacuoles = _dots(rng, grid, cytoplasm, n_vac, (0.5, 1.0))
         conc *= (1.0 - 0.8 * vacuoles)[..., None]
-    chromatin = recipe.chromatin * rng.uniform(0.9, 1.1) * _texture(rng, grid, recipe.texture_um, 0.22)
+    chromatin = (
+        recipe.chromatin * rng.uniform(0.9, 1.1) * _clumps(rng, grid, recipe.texture_um, recipe.clumping)
+    )
+    # Chromatin condenses under the nuclear membrane: a darker, sharp outline.
+    solid = (nucleus > 0.5).astype(np.uint8)
+    inner = cv2.erode(solid, np.ones((3, 3), np.uint8), iterations=max(1, round(0.4 / grid.mpp)))
+    chromatin *= 1.0 + 0.15 * (solid - inner)
     nuc_conc = np.zeros_like(conc)
     nuc_conc[..., CHROMATIN] = chromatin
     nuc_conc[..., BLUE] = 0.15
@@ -497,10 +545,15 @@ def render_cell(
             "fine": ((0.35, 0.05, 0.12), (0.15, 0.25)),
             "dust": ((0.1, 0.05, 0.2), (0.12, 0.2)),
             "azurophil": ((0.3, 0.0, 0.9), (0.2, 0.35)),
-            "eosinophil": ((1.8, 0.0, 0.1), (0.3, 0.45)),
-            "basophil": ((0.0, 0.2, 1.4), (0.35, 0.55)),
+            "eosinophil": ((1.6, 0.0, 0.12), (0.26, 0.38)),
+            "basophil": ((0.1, 0.3, 1.3), (0.3, 0.5)),
         }[recipe.granules]
-        granules = _dots(rng, grid, region, count, size)
+        if recipe.granules in _PACKED:
+            # Fine neutrophil granules: a field of small blobs, too many to draw one by one.
+            size_um, cover = _PACKED[recipe.granules]
+            granules = _granule_field(rng, grid, region, size_um, cover)
+        else:
+            granules = _dots(rng, grid, region, count, size)
         conc += granules[..., None] * np.asarray(colour, np.float32)
     n_rods = int(rng.integers(recipe.auer_rods[0], recipe.auer_rods[1] + 1))
     for _ in range(n_rods):

@@ -28,7 +28,7 @@ FIELD_GRID_PX = 32
 NOISE_BLOCK_PX = 256
 
 #: Smooth fields (blur, glass) are interpolated per aligned block of this size.
-SMOOTH_BLOCK_PX = 256
+SMOOTH_BLOCK_PX = 512
 N_NOISE_BLOCKS = 32
 
 _S_FIELD_GAIN, _S_FIELD_TINT, _S_NOISE_PICK = 21, 22, 23
