@@ -30,6 +30,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--preset", default="normal")
     parser.add_argument("--mpp", type=float, default=0.25)
+    parser.add_argument("--chunk-px", type=int, default=1024, help="render chunk side (simulate --chunk-px)")
     args = parser.parse_args()
     print(
         f"{'size':>9} {'Mpx':>8} {'seconds':>8} {'Mpx/s':>7} {'per core':>8} {'CPU s':>7} {'Mpx/CPU-s':>9} "
@@ -41,7 +42,8 @@ def main() -> None:
             command = [
                 sys.executable, "-m", "pipeline", "simulate", str(out),
                 "--width-mm", str(size), "--height-mm", str(size), "--seed", "1",
-                "--preset", args.preset, "--mpp", str(args.mpp), "--workers", str(args.workers), "--quiet",
+                "--preset", args.preset, "--mpp", str(args.mpp), "--workers", str(args.workers),
+                "--chunk-px", str(args.chunk_px), "--quiet",
             ]  # fmt: skip
             measured = run_measured(command)
             if measured.returncode != 0:
