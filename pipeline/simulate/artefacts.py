@@ -28,7 +28,7 @@ RATES_PER_MM2 = {"dust": 6.0, "precipitate": 2.0, "debris": 4.0}
 COVERSLIP_END = 0.93
 LABEL_END = 0.12
 _B_ARTEFACT = 401
-_S_UNSCANNED, _S_UNSCANNED_COLOUR = 41, 42
+_S_UNSCANNED_COLOUR = 42
 # Neutral grey (dust, label), the purple of azure-eosin precipitate, the lilac of lysed cells: OD per
 # unit, R G B.
 _GREY = np.array([1.0, 1.0, 1.0], np.float32)
@@ -140,25 +140,25 @@ def add_edge_and_label(od: np.ndarray, spec: SceneSpec, cy0: int, cx0: int) -> N
 def unscanned_fields(
     rgb: np.ndarray, spec: SceneSpec, field_px: tuple[int, int], y0: int, x0: int, is_glass
 ) -> None:
-    """Blank, in place, the camera fields a scanner skipped: fields over bare glass, half of them.
+    """Blank, in place, the camera fields a scanner skipped: every field wholly over bare glass.
 
-    ``is_glass(x_um, y_um)`` tells bare glass apart. A skipped field is black or white (scanners fill
-    differently). Only on 'whole' slides: other windows lie inside the smear.
+    ``is_glass(x_um, y_um)`` tells bare glass apart. Scanners scan the region they detect the smear in;
+    what they skip is filled black or white (one colour per slide; scanners differ). The label area is
+    bare glass too, so it is blank as well, as in a real scan's main image. Only on 'whole' slides: other
+    windows lie inside the smear.
     """
     if spec.placement != "whole" or "unscanned" not in spec.artefacts:
         return
     h, w = rgb.shape[:2]
     fw, fh = field_px
+    value = 0 if hash_uniform(spec.seed, _S_UNSCANNED_COLOUR)[0] < 0.5 else 255
     for fy in range(y0 // fh, (y0 + h - 1) // fh + 1):
         for fx in range(x0 // fw, (x0 + w - 1) // fw + 1):
-            if hash_uniform(spec.seed, _S_UNSCANNED, fy, fx)[0] >= 0.5:
-                continue
             gy = (fy * fh + np.linspace(0, fh, 5)) * spec.mpp
             gx = (fx * fw + np.linspace(0, fw, 5)) * spec.mpp
             xx, yy = np.meshgrid(gx, gy)
             if not np.all(is_glass(xx, yy)):
                 continue
-            value = 0 if hash_uniform(spec.seed, _S_UNSCANNED_COLOUR, fy, fx)[0] < 0.5 else 255
             ya, yb = max(y0, fy * fh) - y0, min(y0 + h, (fy + 1) * fh) - y0
             xa, xb = max(x0, fx * fw) - x0, min(x0 + w, (fx + 1) * fw) - x0
             rgb[ya:yb, xa:xb] = value

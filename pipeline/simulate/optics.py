@@ -96,16 +96,16 @@ def draw_optics(
         patch_rate_per_mm2=float(rng.uniform(0.05, 0.2)) * focus,
         # Fields are whole numbers of smooth-field blocks, so each block lies in one camera field.
         field_px=(_blocks(field_um[0] / mpp), _blocks(field_um[1] / mpp)),
-        vignetting=float(rng.uniform(0.05, 0.12)) * seams,
+        vignetting=float(rng.uniform(0.02, 0.05)) * seams,  # what flat-field correction leaves
         field_gain_sd=float(rng.uniform(0.005, 0.015)) * seams,
         white_rgb=np.clip(white, 120, 252),
         gradient=rng.normal(0.0, 0.02, 5),
         slide_size_px=(width_px, height_px),
         electrons_per_dn=float(rng.uniform(25.0, 60.0)),
         read_noise_dn=float(rng.uniform(0.6, 1.4)),
-        glass_waves=_plane_waves(rng, 5, 100.0, 1500.0),
+        glass_waves=_plane_waves(rng, 5, 40.0, 600.0),
         glass_od_mean=float(rng.uniform(0.0, 0.04)),
-        glass_od_amplitude=float(rng.uniform(0.005, 0.03)),
+        glass_od_amplitude=float(rng.uniform(0.015, 0.04)),
         glass_tint_od=np.array([1.0, 1.0, 1.0]),
         seam_tint=0.006 * seams,
     )

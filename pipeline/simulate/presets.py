@@ -21,8 +21,8 @@ ARTEFACTS: dict[str, str] = {
     "precipitate": "clusters of dark purple stain precipitate",
     "debris": "debris and lysed cells, pale purple blobs",
     "edge": "the coverslip edge, on whole slides",
-    "label": "the opaque paper label, on whole slides",
-    "unscanned": "camera fields the scanner skipped over bare glass, black or white, on whole slides",
+    "label": "the opaque paper label, on whole slides (in a skipped area unless unscanned is off)",
+    "unscanned": "bare glass the scanner skipped, black or white, on whole slides",
     "focus": "out-of-focus patches",
     "seams": "stitching seams, where vignetting, gain and tint change from camera field to field",
 }
