@@ -19,6 +19,8 @@ class Measured:
     peak_driver_rss_mb: float
     returncode: int
     output: str
+    #: CPU seconds (user + system) of the whole process tree, from the last sample of each process.
+    cpu_seconds: float = 0.0
 
 
 def run_measured(command: list[str], interval_s: float = 0.1) -> Measured:
@@ -26,6 +28,7 @@ def run_measured(command: list[str], interval_s: float = 0.1) -> Measured:
     started = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = [0.0, 0.0]
+    cpu: dict[int, float] = {}
     done = threading.Event()
 
     def sample() -> None:
@@ -34,9 +37,13 @@ def run_measured(command: list[str], interval_s: float = 0.1) -> Measured:
             try:
                 driver = root.memory_info().rss
                 total = driver
+                times = root.cpu_times()
+                cpu[root.pid] = times.user + times.system
                 for child in root.children(recursive=True):
                     try:
                         total += child.memory_info().rss
+                        times = child.cpu_times()
+                        cpu[child.pid] = times.user + times.system
                     except psutil.Error:
                         pass
             except psutil.Error:
@@ -50,4 +57,6 @@ def run_measured(command: list[str], interval_s: float = 0.1) -> Measured:
     output, _ = proc.communicate()
     done.set()
     thread.join()
-    return Measured(time.perf_counter() - started, peak[0], peak[1], proc.returncode, output)
+    return Measured(
+        time.perf_counter() - started, peak[0], peak[1], proc.returncode, output, sum(cpu.values())
+    )

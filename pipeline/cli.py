@@ -26,13 +26,14 @@ EXIT_FAILED = 1
 
 
 def _add_simulate(sub: argparse._SubParsersAction) -> None:
-    from .simulate.presets import PLACEMENTS, PRESETS
+    from .simulate.presets import ARTEFACTS, PLACEMENTS, PRESETS
 
     p = sub.add_parser(
         "simulate",
         help="write a simulated whole-slide scan of a blood smear (SVS) with ground truth",
         description="Simulate a stained blood-smear scan as an Aperio SVS, with <stem>.truth.csv "
         "(one row per nucleated cell) and <stem>.truth.json (parameters, red-cell and platelet counts).",
+        epilog="Writes OUT.svs, with OUT.truth.csv and OUT.truth.json beside it.",
     )
     p.add_argument("out", help="output .svs path")
     p.add_argument("--width-mm", type=float, default=3.0, help="window width in mm (default 3)")
@@ -42,7 +43,7 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         "--preset",
         default="normal",
         choices=sorted(PRESETS),
-        help="blood counts and differential: "
+        help="blood counts and differential (default normal): "
         + "; ".join(f"{name}: {preset.description}" for name, preset in sorted(PRESETS.items())),
     )
     p.add_argument(
@@ -54,8 +55,15 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         dest="placement",
         default="monolayer",
         choices=PLACEMENTS,
-        help="part of the smear in the window: one zone, 'across' (all zones compressed into the "
-        "window) or 'whole' (the whole smear; use --width-mm 75 --height-mm 25)",
+        help="part of the smear in the window (default monolayer): one zone, 'across' (all zones "
+        "compressed into the window) or 'whole' (the whole smear; use --width-mm 75 --height-mm 25)",
+    )
+    p.add_argument(
+        "--artefacts",
+        default="all",
+        metavar="LIST",
+        help="artefacts of real slides (default all): all, none, or a comma-separated list of "
+        + "; ".join(f"{name}: {what}" for name, what in ARTEFACTS.items()),
     )
     p.add_argument(
         "--workers",
@@ -63,7 +71,9 @@ def _add_simulate(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="local Dask worker processes (default: cores, max 8; 0: none)",
     )
-    p.add_argument("--chunk-px", type=int, default=1024, help="render chunk side in px, a multiple of 256")
+    p.add_argument(
+        "--chunk-px", type=int, default=1024, help="render chunk side in px, a multiple of 256 (default 1024)"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_simulate)
 
@@ -83,11 +93,12 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         workers=default_workers() if args.workers is None else args.workers,
         chunk_px=args.chunk_px,
         progress=not args.quiet,
+        artefacts=args.artefacts,
     )
     print(
         f"wrote {result.slide_path} ({result.width_px} x {result.height_px} px, "
         f"{result.n_nucleated} nucleated cells, {result.n_red_cells} red cells) "
-        f"and {result.truth_path.name} in {result.seconds:.1f} s"
+        f"with {result.truth_path.name} and {result.summary_path.name} in {result.seconds:.1f} s"
     )
     return 0
 

@@ -210,3 +210,20 @@ def test_presets_shift_the_differential(tmp_path):
     assert len(aml_truth) > 3 * len(normal_truth)  # leukaemic white count
     assert (aml_truth.cell_class == "myeloblast").mean() > 0.4
     assert (normal_truth.cell_class == "myeloblast").sum() == 0
+
+
+def test_level1_pieces_read_back_as_rows(tmp_path):
+    from pipeline.simulate._level1 import Level1Store
+
+    store = Level1Store.create(tmp_path / "l1", width=300, height=200, chunk_px=512)  # pieces of 128
+    rng = np.random.default_rng(0)
+    whole = rng.integers(0, 255, (256, 384, 3), dtype=np.uint8)
+    for y in range(0, 256, 128):
+        for x in range(0, 384, 128):
+            if (y, x) != (128, 256):  # one piece never written: it reads as white
+                store.write(y, x, whole[y : y + 128, x : x + 128])
+    rows = store.rows(100, 220)
+    assert rows.shape == (100, 300, 3)  # clipped to the level's height and width
+    assert np.array_equal(rows[:, :256], whole[100:200, :256])
+    assert np.array_equal(rows[:28, 256:], whole[100:128, 256:300])
+    assert (rows[28:, 256:] == 255).all()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
@@ -85,6 +85,7 @@ class _Recipe:
     hairy: bool = False
     hof: bool = False
     rim_blue: float = 0.0
+    clumping: float = 0.3  # contrast of chromatin clumps: coarse in mature lymphocytes, fine in blasts
 
 
 _RECIPES: dict[str, _Recipe] = {
@@ -129,7 +130,7 @@ _RECIPES: dict[str, _Recipe] = {
         (0.6, 0.05, 0.0),
         lobes=(2, 2),
         granules="eosinophil",
-        granule_count=(90, 150),
+        granule_count=(350, 500),
     ),
     "basophil": _Recipe(
         (10.0, 13.0),
@@ -140,7 +141,7 @@ _RECIPES: dict[str, _Recipe] = {
         (0.5, 0.3, 0.0),
         lobes=(2, 3),
         granules="basophil",
-        granule_count=(25, 50),
+        granule_count=(70, 120),
     ),
     "monocyte": _Recipe(
         (13.0, 20.0),
@@ -198,6 +199,30 @@ _RECIPES: dict[str, _Recipe] = {
     ),
     "normoblast": _Recipe((8.0, 12.0), (0.5, 0.6), "round", 1.6, 1.0, (1.0, 0.25, 0.0)),
 }
+# Chromatin: clumped (coarse, contrasted) in mature cells, fine and even in blasts (DESIGN-NOTES 2).
+_CLUMPING = {
+    "typical_lymphocyte": 0.28,
+    "plasma_cell": 0.28,
+    "large_granular_lymphocyte": 0.26,
+    "neoplastic_lymphocyte": 0.26,
+    "normoblast": 0.18,
+    "segmented_neutrophil": 0.26,
+    "band_neutrophil": 0.26,
+    "eosinophil": 0.23,
+    "basophil": 0.2,
+    "metamyelocyte": 0.23,
+    "myelocyte": 0.2,
+    "reactive_lymphocyte": 0.2,
+    "hairy_cell": 0.15,
+    "monocyte": 0.18,
+    "smudge_cell": 0.15,
+    "promyelocyte": 0.1,
+    "atypical_promyelocyte": 0.1,
+    "myeloblast": 0.08,
+}
+_RECIPES = {name: replace(recipe, clumping=_CLUMPING[name]) for name, recipe in _RECIPES.items()}
+#: Granule kinds drawn as packed fields: granule size (um) and share of the region covered.
+_PACKED = {"fine": (0.3, 0.3)}
 _DIAMETERS: dict[str, tuple[float, float]] = {
     **{name: recipe.diameter for name, recipe in _RECIPES.items()},
     "red_cell": (7.0, 8.0),
@@ -259,6 +284,21 @@ def _texture(rng: np.random.Generator, grid: _Grid, length_um: float, amplitude:
     return np.maximum(1.0 + amplitude * field, 0.0)
 
 
+def _clumps(rng: np.random.Generator, grid: _Grid, length_um: float, contrast: float) -> np.ndarray:
+    """Chromatin density around 1: clumps of about ``length_um`` with steep sides, +- ``contrast``."""
+    field = _texture(rng, grid, min(length_um, 0.5), 1.0) - 1.0
+    return (1.0 + contrast * np.tanh(1.5 * field)).astype(np.float32)
+
+
+def _granule_field(
+    rng: np.random.Generator, grid: _Grid, region: np.ndarray, size_um: float, cover: float
+) -> np.ndarray:
+    """Granules packed in a region: blobs of about ``size_um`` covering ``cover`` of it (0-1 values)."""
+    field = _texture(rng, grid, size_um / 2, 1.0) - 1.0
+    cut = float(np.quantile(field, 1.0 - cover))
+    return (np.clip((field - cut) * 3.0, 0.0, 1.0) * region).astype(np.float32)
+
+
 def _body(rng: np.random.Generator, grid: _Grid, radius: float, hairy: bool) -> np.ndarray:
     phi = np.arctan2(grid.v, grid.u)
     r = np.full(grid.shape, radius, dtype=np.float32)
@@ -298,7 +338,7 @@ def _nucleus(rng: np.random.Generator, grid: _Grid, recipe: _Recipe, radius: flo
         return np.clip(base - _disc(grid, nx, ny, notch_r), 0.0, 1.0)
     if shape == "band":
         arc_r = radius * rng.uniform(0.42, 0.52)
-        thick = rng.uniform(1.5, 2.1)
+        thick = rng.uniform(2.0, 2.6)
         span = rng.uniform(0.9, 1.4) * np.pi
         return _arc(grid, arc_r, thick, angle, span)
     if shape in ("lobes", "bilobed"):
@@ -330,18 +370,20 @@ def _arc(grid: _Grid, arc_r: float, thick: float, angle: float, span: float) -> 
 def _lobes(rng: np.random.Generator, grid: _Grid, radius: float, n: int, folded: bool) -> np.ndarray:
     # Lobes of a segmented neutrophil together make ~1/3 of the cell's area (DESIGN-NOTES section 2).
     lobe_r = radius * (
-        rng.uniform(0.32, 0.4) if folded else rng.uniform(0.27, 0.33) * (3.0 / max(n, 3)) ** 0.5
+        rng.uniform(0.32, 0.4) if folded else rng.uniform(0.33, 0.39) * (3.0 / max(n, 3)) ** 0.5
     )
     centres = []
     start = rng.uniform(0, 2 * np.pi)
-    ring = radius * (0.28 if folded else 0.38)
+    ring = radius * (0.28 if folded else 0.5)
     for k in range(n):
         a = start + (k - (n - 1) / 2) * (2 * np.pi / max(n, 3)) * rng.uniform(0.8, 1.1)
         centres.append((ring * math.cos(a), ring * math.sin(a)))
     mask = np.zeros(grid.shape, np.float32)
     for x, y in centres:
-        a = lobe_r * rng.uniform(0.9, 1.15)
-        mask = np.maximum(mask, _ellipse(grid, x, y, a, a * rng.uniform(0.75, 0.95), rng.uniform(0, np.pi)))
+        # lobes are elongated along the chain, not round beads
+        a = lobe_r * rng.uniform(1.05, 1.3)
+        along = math.atan2(y, x) + np.pi / 2 + rng.uniform(-0.4, 0.4)
+        mask = np.maximum(mask, _ellipse(grid, x, y, a, lobe_r * rng.uniform(0.72, 0.92), along))
     strand = 0.3 if not folded else lobe_r * 0.8
     for (x1, y1), (x2, y2) in itertools.pairwise(centres):
         mask = np.maximum(mask, _segment(grid, x1, y1, x2, y2, strand))
@@ -377,23 +419,33 @@ def _dots(
 
 
 def _red_cell(rng: np.random.Generator, cx: float, cy: float, mpp: float, spread: float) -> CellSprite:
-    d = rng.uniform(7.0, 8.0) * spread
+    # Sizes and shapes vary (anisocytosis within normal limits, slightly oval or irregular outlines);
+    # a biconcave disc is thick at the rim and thin in the centre, so it shows a dark rim and a pale
+    # centre whose size and paleness vary from cell to cell (some hardly any).
+    d = float(np.clip(rng.normal(7.9, 0.5), 6.6, 9.0)) * spread
     r = d / 2
-    grid = _Grid(cx, cy, mpp, r * 1.15)
+    grid = _Grid(cx, cy, mpp, r * 1.2)
     angle = rng.uniform(0, np.pi)
-    ecc = rng.uniform(0.9, 1.0)
+    ecc = rng.uniform(0.86, 1.0)
     u, v = grid.rotated(angle)
-    rho = np.hypot(u, v / ecc)
+    phi = np.arctan2(v, u)
+    wobble = 1.0 + sum(rng.uniform(0.0, 0.03) * np.cos(k * phi + rng.uniform(0, 2 * np.pi)) for k in (2, 3))
+    rho = np.hypot(u, v / ecc) / wobble
     body = grid.soft(rho - r)
+    t = np.clip(rho / r, 0.0, 1.0)
+    strength = rng.uniform(0.85, 1.15) / spread**2
     if spread > 1.1:  # flattened at the feathered edge: no pale centre
-        profile = np.full(grid.shape, 0.8 / spread**2, np.float32)
+        profile = np.full(grid.shape, 0.8, np.float32)
     else:
-        pallor = rng.uniform(0.4, 0.6)
-        t = np.clip(rho / r, 0.0, 1.0)
-        profile = (pallor + (1.15 - pallor) * np.clip((t - 0.2) / 0.6, 0, 1) ** 1.5).astype(np.float32)
-        profile *= 1.0 / spread**2
+        centre = rng.uniform(0.4, 1.0)
+        inner = rng.uniform(0.1, 0.4)
+        outer = inner + rng.uniform(0.25, 0.4)
+        ramp = np.clip((t - inner) / (outer - inner), 0.0, 1.0)
+        profile = centre + (1.12 - centre) * ramp * ramp * (3 - 2 * ramp)
+        # the rim rounds off towards the very edge of the cell
+        profile *= 1.0 - 0.3 * np.clip((t - 0.85) / 0.15, 0.0, 1.0) ** 2
     conc = np.zeros((*grid.shape, 3), np.float32)
-    conc[..., EOSIN] = body * profile * _texture(rng, grid, 1.0, 0.03)
+    conc[..., EOSIN] = body * (strength * profile).astype(np.float32) * _texture(rng, grid, 1.0, 0.04)
     area = float(body.sum()) * mpp * mpp
     return CellSprite(grid.y0, grid.x0, conc, 2 * math.sqrt(area / math.pi), 0.0)
 
@@ -402,10 +454,12 @@ def _platelet(rng: np.random.Generator, cx: float, cy: float, mpp: float, spread
     d = rng.uniform(2.0, 3.0) * spread
     grid = _Grid(cx, cy, mpp, d)
     body = _body(rng, grid, d / 2, False)
-    granular = _texture(rng, grid, 0.3, 0.35)
+    # A pale lilac hyalomere with a darker granular centre (granulomere).
+    granular = _texture(rng, grid, 0.3, 0.5)
+    centre = np.clip(1.0 - np.hypot(grid.u, grid.v) / (d / 2), 0.0, 1.0)
     conc = np.zeros((*grid.shape, 3), np.float32)
-    conc[..., CHROMATIN] = body * 0.55 * granular
-    conc[..., BLUE] = body * 0.3
+    conc[..., CHROMATIN] = body * (0.08 + 0.22 * centre) * granular * rng.uniform(0.7, 1.3)
+    conc[..., BLUE] = body * 0.15
     area = float(body.sum()) * mpp * mpp
     return CellSprite(grid.y0, grid.x0, conc, 2 * math.sqrt(area / math.pi), 0.0)
 
@@ -466,7 +520,13 @@ def render_cell(
     if n_vac:
         vacuoles = _dots(rng, grid, cytoplasm, n_vac, (0.5, 1.0))
         conc *= (1.0 - 0.8 * vacuoles)[..., None]
-    chromatin = recipe.chromatin * rng.uniform(0.9, 1.1) * _texture(rng, grid, recipe.texture_um, 0.22)
+    chromatin = (
+        recipe.chromatin * rng.uniform(0.9, 1.1) * _clumps(rng, grid, recipe.texture_um, recipe.clumping)
+    )
+    # Chromatin condenses under the nuclear membrane: a darker, sharp outline.
+    solid = (nucleus > 0.5).astype(np.uint8)
+    inner = cv2.erode(solid, np.ones((3, 3), np.uint8), iterations=max(1, round(0.4 / grid.mpp)))
+    chromatin *= 1.0 + 0.15 * (solid - inner)
     nuc_conc = np.zeros_like(conc)
     nuc_conc[..., CHROMATIN] = chromatin
     nuc_conc[..., BLUE] = 0.15
@@ -485,10 +545,15 @@ def render_cell(
             "fine": ((0.35, 0.05, 0.12), (0.15, 0.25)),
             "dust": ((0.1, 0.05, 0.2), (0.12, 0.2)),
             "azurophil": ((0.3, 0.0, 0.9), (0.2, 0.35)),
-            "eosinophil": ((1.8, 0.0, 0.1), (0.3, 0.45)),
-            "basophil": ((0.0, 0.2, 1.4), (0.35, 0.55)),
+            "eosinophil": ((1.6, 0.0, 0.12), (0.26, 0.38)),
+            "basophil": ((0.1, 0.3, 1.3), (0.3, 0.5)),
         }[recipe.granules]
-        granules = _dots(rng, grid, region, count, size)
+        if recipe.granules in _PACKED:
+            # Fine neutrophil granules: a field of small blobs, too many to draw one by one.
+            size_um, cover = _PACKED[recipe.granules]
+            granules = _granule_field(rng, grid, region, size_um, cover)
+        else:
+            granules = _dots(rng, grid, region, count, size)
         conc += granules[..., None] * np.asarray(colour, np.float32)
     n_rods = int(rng.integers(recipe.auer_rods[0], recipe.auer_rods[1] + 1))
     for _ in range(n_rods):

@@ -9,11 +9,12 @@ function of absolute slide position, never of the tile being rendered, so tiles 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
 
 import cv2
 import numpy as np
-from scipy.special import erfinv
 
 from ._hash import block_rng, hash_uniform
 
@@ -26,10 +27,11 @@ DEFOCUS_BLOCK_UM = 2000.0
 FIELD_GRID_PX = 32
 NOISE_BLOCK_PX = 256
 
-_S_FIELD_GAIN, _S_FIELD_TINT = 21, 22
-# Standard-normal quantiles of 65536 equiprobable bins: a uint16 draw through this table is a normal
-# deviate (tails cut at 4.3 sigma) at a third of the cost of numpy's ziggurat.
-_NORMAL_TABLE = (np.sqrt(2.0) * erfinv(2.0 * (np.arange(65536) + 0.5) / 65536 - 1.0)).astype(np.float32)
+#: Smooth fields (blur, glass) are interpolated per aligned block of this size.
+SMOOTH_BLOCK_PX = 512
+N_NOISE_BLOCKS = 32
+
+_S_FIELD_GAIN, _S_FIELD_TINT, _S_NOISE_PICK = 21, 22, 23
 _B_PATCH, _B_OPTICS, _B_NOISE = 201, 202, 203
 
 
@@ -51,10 +53,21 @@ class Optics:
     slide_size_px: tuple[int, int]
     electrons_per_dn: float
     read_noise_dn: float
+    seam_tint: float = 0.006  # per-field tint change (relative, per channel)
+    glass_waves: np.ndarray = field(default_factory=lambda: np.zeros((1, 3)))  # (n, 3): kx, ky, phase
+    glass_od_mean: float = 0.0  # OD of the film on the glass (stain, plasma) at its mean thickness
+    glass_od_amplitude: float = 0.0
+    glass_tint_od: np.ndarray = field(default_factory=lambda: np.ones(3))  # (3,) colour of that film
 
 
-def draw_optics(seed: int, mpp: float, width_px: int, height_px: int) -> Optics:
-    """Draw one slide's optics and camera from its seed."""
+def draw_optics(
+    seed: int, mpp: float, width_px: int, height_px: int, focus: bool = True, seams: bool = True
+) -> Optics:
+    """Draw one slide's optics and camera from its seed.
+
+    ``focus=False`` removes the out-of-focus patches (the gentle defocus stays); ``seams=False`` makes
+    every camera field alike (no vignetting, gain or tint steps at the stitching lines).
+    """
     rng = block_rng(seed, _B_OPTICS)
     n = 4
     wavelength = rng.uniform(1500.0, 6000.0, n)
@@ -69,22 +82,50 @@ def draw_optics(seed: int, mpp: float, width_px: int, height_px: int) -> Optics:
     )
     # A 2448 x 2048 camera at 40x: fields of ~0.6 x 0.5 mm at 0.25 um/px.
     field_um = (2448 * 0.25, 2048 * 0.25)
-    white = 243.0 * np.exp(rng.normal(0.0, 0.015, 3)) - rng.uniform(0, 6)
+    # Glass is rarely white: it is warm, bluish or grey. Drawn to match the glass of real photographs
+    # (benchmarks/realism.py: median about (214, 210, 204)), but kept above 200 in every channel as a
+    # slide scanner calibrates its white (photographs go down to 140).
+    level = rng.uniform(208.0, 222.0)
+    white = level * np.array([rng.uniform(1.0, 1.06), 1.0, rng.uniform(0.965, 0.995)])
     return Optics(
         seed=seed,
         mpp=mpp,
         psf_sigma_um=BLUR_LEVELS_UM[0],
         defocus_waves=waves,
         defocus_base_um=float(rng.uniform(0.05, 0.25)),
-        patch_rate_per_mm2=float(rng.uniform(0.05, 0.2)),
-        field_px=(round(field_um[0] / mpp), round(field_um[1] / mpp)),
-        vignetting=float(rng.uniform(0.05, 0.12)),
-        field_gain_sd=float(rng.uniform(0.01, 0.025)),
-        white_rgb=np.clip(white, 200, 252),
+        patch_rate_per_mm2=float(rng.uniform(0.05, 0.2)) * focus,
+        # Fields are whole numbers of smooth-field blocks, so each block lies in one camera field.
+        field_px=(_blocks(field_um[0] / mpp), _blocks(field_um[1] / mpp)),
+        vignetting=float(rng.uniform(0.02, 0.05)) * seams,  # what flat-field correction leaves
+        field_gain_sd=float(rng.uniform(0.005, 0.015)) * seams,
+        white_rgb=np.clip(white, 120, 252),
         gradient=rng.normal(0.0, 0.02, 5),
         slide_size_px=(width_px, height_px),
         electrons_per_dn=float(rng.uniform(25.0, 60.0)),
         read_noise_dn=float(rng.uniform(0.6, 1.4)),
+        glass_waves=_plane_waves(rng, 5, 40.0, 600.0),
+        glass_od_mean=float(rng.uniform(0.0, 0.04)),
+        glass_od_amplitude=float(rng.uniform(0.015, 0.04)),
+        glass_tint_od=np.array([1.0, 1.0, 1.0]),
+        seam_tint=0.006 * seams,
+    )
+
+
+def _blocks(px: float) -> int:
+    return max(1, round(px / SMOOTH_BLOCK_PX)) * SMOOTH_BLOCK_PX
+
+
+def _plane_waves(rng: np.random.Generator, n: int, shortest_um: float, longest_um: float) -> np.ndarray:
+    """``(n, 3)`` wave vectors (rad/um) and phases of a smooth random field."""
+    wavelength = rng.uniform(shortest_um, longest_um, n)
+    angle = rng.uniform(0, 2 * np.pi, n)
+    return np.stack(
+        [
+            2 * np.pi / wavelength * np.cos(angle),
+            2 * np.pi / wavelength * np.sin(angle),
+            rng.uniform(0, 2 * np.pi, n),
+        ],
+        axis=1,
     )
 
 
@@ -131,119 +172,221 @@ def defocus_sigma_um(optics: Optics, x_um: np.ndarray, y_um: np.ndarray) -> np.n
     return np.sqrt(optics.psf_sigma_um**2 + defocus**2)
 
 
-def _bilinear_grid(values: np.ndarray, gy0: int, gx0: int, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """Interpolate a field sampled at absolute pixels k * FIELD_GRID_PX onto a region of pixels."""
-    step = FIELD_GRID_PX
-    fy = (np.arange(y0, y0 + h) + 0.5) / step - gy0
-    fx = (np.arange(x0, x0 + w) + 0.5) / step - gx0
-    iy = np.clip(np.floor(fy).astype(np.int64), 0, values.shape[0] - 2)
-    ix = np.clip(np.floor(fx).astype(np.int64), 0, values.shape[1] - 2)
-    wy = (fy - iy).astype(np.float32)[:, None]
-    wx = (fx - ix).astype(np.float32)[None, :]
-    v = values.astype(np.float32)
-    # Separable: along x on the few grid rows, then along y on full rows.
-    rows = v[:, ix] * (1 - wx) + v[:, ix + 1] * wx
-    return rows[iy] * (1 - wy) + rows[iy + 1] * wy
+def _grid_values(optics: Optics, gy: np.ndarray, gx: np.ndarray) -> np.ndarray:
+    """Smooth per-pixel quantities at grid points (absolute px): blur level index and glass RGB.
+
+    Returns ``(len(gy), len(gx), 4)`` float32: channel 0 the fractional index into
+    :data:`BLUR_LEVELS_UM`, channels 1-3 the glass intensity (0-255) before per-field camera terms.
+    """
+    mpp = optics.mpp
+    y_um = (gy * mpp)[:, None] + 0 * gx[None, :]
+    x_um = (gx * mpp)[None, :] + 0 * gy[:, None]
+    sigma = defocus_sigma_um(optics, x_um, y_um)
+    levels = np.asarray(BLUR_LEVELS_UM)
+    out = np.empty((*sigma.shape, 4), dtype=np.float32)
+    out[..., 0] = np.interp(sigma, levels, np.arange(len(levels), dtype=np.float64))
+    sw, sh = optics.slide_size_px
+    u = x_um / (sw * mpp) - 0.5
+    v = y_um / (sh * mpp) - 0.5
+    g = optics.gradient
+    gradient = 1.0 + g[0] * u + g[2] * u * u + g[1] * v + g[3] * v * v + g[4] * u * v
+    # Uneven glass: a thin film of plasma protein and stain of slowly varying thickness (an OD per
+    # channel in the slide's background tint).
+    kx, ky, ph = optics.glass_waves.T
+    film = np.sin(x_um[..., None] * kx + y_um[..., None] * ky + ph).mean(axis=-1)
+    film_od = np.maximum(optics.glass_od_mean + optics.glass_od_amplitude * film, 0.0)
+    out[..., 1:] = (
+        gradient[..., None] * optics.white_rgb * np.power(10.0, -film_od[..., None] * optics.glass_tint_od)
+    )
+    return out
 
 
-def sigma_map_um(optics: Optics, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """Blur sigma (um) of every pixel of a level-0 region, from a grid tied to absolute pixels."""
-    step = FIELD_GRID_PX
-    gy0 = math.floor((y0 + 0.5) / step) - 1
-    gx0 = math.floor((x0 + 0.5) / step) - 1
-    gy1 = math.floor((y0 + h - 0.5) / step) + 2
-    gx1 = math.floor((x0 + w - 0.5) / step) + 2
-    gy = np.arange(gy0, gy1 + 1) * step * optics.mpp
-    gx = np.arange(gx0, gx1 + 1) * step * optics.mpp
-    grid = defocus_sigma_um(optics, gx[None, :] + 0 * gy[:, None], gy[:, None] + 0 * gx[None, :])
-    return _bilinear_grid(grid, gy0, gx0, y0, x0, h, w)
+def _field_factor(optics: Optics, gy: np.ndarray, gx: np.ndarray, fy: int, fx: int) -> np.ndarray:
+    """Camera-field terms ``(len(gy), len(gx), 3)`` at grid points, for the field (fy, fx).
+
+    Each camera field has its own vignetting and a slightly different gain and tint; they change
+    abruptly where fields are stitched, which leaves the seams of a real scan.
+    """
+    fw, fh = optics.field_px
+    ry = (gy - (fy + 0.5) * fh) / (fh / 2)
+    rx = (gx - (fx + 0.5) * fw) / (fw / 2)
+    vignette = 1.0 - optics.vignetting * 0.5 * (ry[:, None] ** 2 + rx[None, :] ** 2)
+    return (
+        vignette[..., None] * _field_gain(optics.seed, optics.field_gain_sd, optics.seam_tint, fy, fx)
+    ).astype(np.float32)
+
+
+@lru_cache(maxsize=1024)
+def _field_gain(seed: int, gain_sd: float, seam_tint: float, fy: int, fx: int) -> np.ndarray:
+    """Gain per channel of one camera field (a common gain and a small tint)."""
+    common = 1.0 + gain_sd * 2.0 * (hash_uniform(seed, _S_FIELD_GAIN, fy, fx) - 0.5)
+    return common * (1.0 + seam_tint * 2.0 * (hash_uniform(seed, _S_FIELD_TINT, fy, fx, np.arange(3)) - 0.5))
+
+
+def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Blur level index ``(h, w)`` and glass intensity ``(h, w, 3)`` of a level-0 region.
+
+    Both vary slowly, so they are evaluated on a grid of :data:`FIELD_GRID_PX` and interpolated
+    bilinearly, one aligned :data:`SMOOTH_BLOCK_PX` block at a time: a block is always computed from
+    the same grid values with the same call, so its pixels do not depend on the region asked for.
+    Camera fields are whole blocks, so their seams stay sharp.
+    """
+    step, block = FIELD_GRID_PX, SMOOTH_BLOCK_PX
+    per = block // step
+    index = np.empty((h, w), dtype=np.float32)
+    glass = np.empty((h, w, 3), dtype=np.float32)
+    by0, by1 = y0 // block, (y0 + h - 1) // block
+    bx0, bx1 = x0 // block, (x0 + w - 1) // block
+    gy_all = (np.arange(by0 * per, (by1 + 1) * per + 1) * step).astype(np.float64)
+    gx_all = (np.arange(bx0 * per, (bx1 + 1) * per + 1) * step).astype(np.float64)
+    values = _grid_values(optics, gy_all, gx_all)
+    fw, fh = optics.field_px
+    half = step // 2
+    for by in range(by0, by1 + 1):
+        for bx in range(bx0, bx1 + 1):
+            gy_i, gx_i = (by - by0) * per, (bx - bx0) * per
+            grid = values[gy_i : gy_i + per + 1, gx_i : gx_i + per + 1].copy()
+            gy, gx = gy_all[gy_i : gy_i + per + 1], gx_all[gx_i : gx_i + per + 1]
+            grid[..., 1:] *= _field_factor(optics, gy, gx, by * block // fh, bx * block // fw)
+            # Output pixel d of the resize maps to grid coordinate (d + 0.5) / step - 0.5, so grid
+            # point k sits at absolute pixel position (block corner) + k * step: output pixels
+            # half .. half + block are the block's own.
+            size = ((per + 1) * step, (per + 1) * step)
+            ya, yb = max(y0, by * block), min(y0 + h, (by + 1) * block)
+            xa, xb = max(x0, bx * block), min(x0 + w, (bx + 1) * block)
+            oy, ox = half - by * block, half - bx * block
+            # Separate contiguous outputs: numpy is slow on interleaved channel views.
+            for target, channels in ((index, grid[..., 0]), (glass, grid[..., 1:])):
+                up = cv2.resize(np.ascontiguousarray(channels), size, interpolation=cv2.INTER_LINEAR)
+                target[ya - y0 : yb - y0, xa - x0 : xb - x0] = up[ya + oy : yb + oy, xa + ox : xb + ox]
+    return index, glass
 
 
 def blur_halo_px(mpp: float) -> int:
     """Pixels of context a region needs on each side for its blur to be exact."""
-    return math.ceil(3.5 * BLUR_LEVELS_UM[-1] / mpp) + 1
+    return _radius_px(BLUR_LEVELS_UM[-1], mpp)
 
 
-def _gaussian(image: np.ndarray, sigma_px: float) -> np.ndarray:
-    radius = math.ceil(3.5 * sigma_px)
-    return cv2.GaussianBlur(image, (2 * radius + 1, 2 * radius + 1), sigma_px, borderType=cv2.BORDER_REFLECT)
+def _radius_px(sigma_um: float, mpp: float) -> int:
+    return math.ceil(3.5 * sigma_um / mpp) + 1
 
 
-def apply_blur(transmittance: np.ndarray, sigma_um: np.ndarray, mpp: float) -> np.ndarray:
-    """Blur a transmittance image with a per-pixel sigma, blending exactly rendered blur levels.
+def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mpp: float) -> np.ndarray:
+    """Blur a transmittance canvas with a per-pixel sigma, blending exactly rendered blur levels.
 
-    The result at a pixel depends only on the image within ``blur_halo_px`` of it, so a region rendered
-    with that halo and cropped equals the same region of the whole slide.
+    Parameters
+    ----------
+    transmittance
+        ``(h + 2 halo, w + 2 halo, 3)`` float32 canvas.
+    halo
+        Context on each side (at least :func:`blur_halo_px`).
+    level_index
+        ``(h, w)`` fractional index into :data:`BLUR_LEVELS_UM` of every core pixel; a level's share is
+        the tent ``1 - |index - level|``.
+    mpp
+        Pixel size, um/px.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(h, w, 3)`` float32, the blurred core. A pixel depends only on the canvas within the radius
+        of its blur levels, so a region rendered with its halo equals the same pixels of the whole slide.
     """
-    levels = np.asarray(BLUR_LEVELS_UM, dtype=np.float32)
-    # Fractional level index of every pixel; a level's share is the tent 1 - |index - level|.
-    index = np.interp(sigma_um.ravel(), levels, np.arange(len(levels), dtype=np.float32))
-    index = index.astype(np.float32).reshape(sigma_um.shape)
-    lo, hi = float(index.min()), float(index.max())
-    out: np.ndarray | None = None
-    for level in range(math.floor(lo), min(len(levels) - 1, math.ceil(hi)) + 1):
-        share = 1.0 - np.abs(index - np.float32(level))
-        np.maximum(share, 0.0, out=share)
-        blurred = _gaussian(transmittance, float(levels[level]) / mpp)
-        blurred *= share[..., None]
-        out = blurred if out is None else cv2.add(out, blurred)
-    assert out is not None
+    h, w = level_index.shape
+    top = min(len(BLUR_LEVELS_UM) - 1, max(0, math.ceil(float(level_index.max()))))
+    out = workspace("blur_out", (h, w, 3))
+    share = workspace("blur_share", (h, w))
+    share3 = workspace("blur_share3", (h, w, 3))
+    previous: np.ndarray | None = None
+    # Telescoping sum from level 0: out = B0 + sum_l clip(index - (l - 1), 0, 1) * (B_l - B_(l-1)).
+    # Always starting at level 0 keeps the arithmetic of a pixel the same in every region (a level a
+    # region does not need adds an exact 0).
+    for level in range(top + 1):
+        sigma_px = BLUR_LEVELS_UM[level] / mpp
+        r = _radius_px(BLUR_LEVELS_UM[level], mpp)
+        # Only the core and this level's own radius are needed: a smaller image to blur.
+        part = transmittance[halo - r : halo + h + r, halo - r : halo + w + r]
+        k = 2 * math.ceil(3.5 * sigma_px) + 1
+        dst = workspace(f"blur_{level}", part.shape)
+        cv2.GaussianBlur(part, (k, k), sigma_px, dst=dst, borderType=cv2.BORDER_REFLECT)
+        blurred = dst[r : r + h, r : r + w]
+        if previous is None:
+            out[:] = blurred
+        else:
+            np.subtract(level_index, np.float32(level - 1), out=share)
+            np.clip(share, 0.0, 1.0, out=share)
+            cv2.merge([share, share, share], dst=share3)
+            step = np.subtract(blurred, previous, out=workspace("blur_step", (h, w, 3)))
+            np.multiply(step, share3, out=step)
+            np.add(out, step, out=out)
+        previous = blurred
     return out
 
 
-# ---------------------------------------------------------------------------------- illumination
-def illumination(optics: Optics, y0: int, x0: int, h: int, w: int) -> np.ndarray:
-    """Glass intensity (0-255, per channel) of a level-0 region: white level, vignetting per camera
-    field, per-field gain and tint, and a slide-wide gradient."""
-    fw, fh = optics.field_px
-    ys = np.arange(y0, y0 + h) + 0.5
-    xs = np.arange(x0, x0 + w) + 0.5
-    iy = np.floor(ys / fh).astype(np.int64)
-    ix = np.floor(xs / fw).astype(np.int64)
-    ry = ((ys - (iy + 0.5) * fh) / (fh / 2)).astype(np.float32)[:, None]
-    rx = ((xs - (ix + 0.5) * fw) / (fw / 2)).astype(np.float32)[None, :]
-    sw, sh = optics.slide_size_px
-    u = (xs / sw - 0.5).astype(np.float32)[None, :]
-    v = (ys / sh - 0.5).astype(np.float32)[:, None]
-    g = optics.gradient.astype(np.float32)
-    vignette = 1.0 - np.float32(optics.vignetting * 0.5) * (ry * ry + rx * rx)
-    gradient = (1.0 + g[0] * u + g[2] * u * u) + (g[1] * v + g[3] * v * v) + g[4] * u * v
-    base = vignette * gradient
-    out = np.empty((h, w, 3), dtype=np.float32)
-    # Per-field gain and tint are constant over each camera field: apply them field by field.
-    for fy in np.unique(iy):
-        rows = slice(int(np.searchsorted(iy, fy)), int(np.searchsorted(iy, fy, side="right")))
-        for fx in np.unique(ix):
-            cols = slice(int(np.searchsorted(ix, fx)), int(np.searchsorted(ix, fx, side="right")))
-            common = 1.0 + optics.field_gain_sd * 2.0 * (
-                hash_uniform(optics.seed, _S_FIELD_GAIN, fy, fx) - 0.5
-            )
-            tint = 1.0 + 0.006 * 2.0 * (hash_uniform(optics.seed, _S_FIELD_TINT, fy, fx, np.arange(3)) - 0.5)
-            gain = (common * tint * optics.white_rgb).astype(np.float32)
-            out[rows, cols] = base[rows, cols, None] * gain
-    return out
+# ------------------------------------------------------------------------------------- workspace
+_WORKSPACE = threading.local()
+
+
+def workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A float32 scratch array of this thread, reused between calls (its contents are garbage).
+
+    Render buffers are tens of MB; allocating them afresh for every region spent more time in page
+    faults than in arithmetic.
+    """
+    buffers = _WORKSPACE.__dict__
+    array = buffers.get(name)
+    if array is None or array.shape != shape:
+        array = np.empty(shape, np.float32)
+        buffers[name] = array
+    return array
 
 
 # ----------------------------------------------------------------------------------------- noise
+@lru_cache(maxsize=4)
+def _noise_bank(seed: int) -> tuple[np.ndarray, ...]:
+    """Standard-normal blocks of one slide; every block of the slide is one of them, maybe flipped."""
+    return tuple(
+        block_rng(seed, _B_NOISE, k).standard_normal((NOISE_BLOCK_PX, NOISE_BLOCK_PX, 3), dtype=np.float32)
+        for k in range(N_NOISE_BLOCKS)
+    )
+
+
+def _noise_block(optics: Optics, pick: int) -> np.ndarray:
+    block = _noise_bank(optics.seed)[pick // 2]
+    # Upside down or not: 64 patterns. Only rows are flipped, so each row stays contiguous (numpy is
+    # slow on anything else).
+    return block[::-1] if pick % 2 else block
+
+
 def add_sensor_noise(intensity: np.ndarray, optics: Optics, y0: int, x0: int) -> np.ndarray:
-    """Poisson-Gaussian camera noise drawn per 256-px block of absolute position; returns uint8."""
+    """Poisson-Gaussian camera noise keyed by 256-px blocks of absolute position; returns uint8.
+
+    The deviates of a block are one of a slide's bank of pre-drawn blocks, maybe flipped: drawing
+    fresh ones per block cost a third of the render time, and a repeat 64 um apart is invisible under
+    the noise's own randomness.
+    """
     h, w = intensity.shape[:2]
     b = NOISE_BLOCK_PX
-    z = np.empty((h, w, 3), dtype=np.float32)
-    for by in range(y0 // b, (y0 + h - 1) // b + 1):
-        for bx in range(x0 // b, (x0 + w - 1) // b + 1):
-            draws = block_rng(optics.seed, _B_NOISE, by, bx).integers(0, 65536, (b, b, 3), dtype=np.uint16)
-            block = _NORMAL_TABLE[draws]
+    # intensity >= 0: transmittance and glass are.
+    sd = np.multiply(
+        intensity, np.float32(1.0 / optics.electrons_per_dn), out=workspace("noise_sd", intensity.shape)
+    )
+    sd += np.float32(optics.read_noise_dn**2)
+    cv2.sqrt(sd, sd)
+    bys = np.arange(y0 // b, (y0 + h - 1) // b + 1)
+    bxs = np.arange(x0 // b, (x0 + w - 1) // b + 1)
+    picks = (
+        hash_uniform(optics.seed, _S_NOISE_PICK, bys[:, None], bxs[None, :]) * N_NOISE_BLOCKS * 2
+    ).astype(int)
+    for iy, by in enumerate(bys.tolist()):
+        for ix, bx in enumerate(bxs.tolist()):
+            block = _noise_block(optics, int(picks[iy, ix]))
             ys0, xs0 = max(y0, by * b), max(x0, bx * b)
             ys1, xs1 = min(y0 + h, (by + 1) * b), min(x0 + w, (bx + 1) * b)
-            z[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0] = block[
-                ys0 - by * b : ys1 - by * b, xs0 - bx * b : xs1 - bx * b
-            ]
-    sd = np.maximum(intensity, 0)
-    sd *= np.float32(1.0 / optics.electrons_per_dn)
-    sd += np.float32(optics.read_noise_dn**2)
-    np.sqrt(sd, out=sd)
-    sd *= z
+            view = sd[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
+            np.multiply(view, block[ys0 - by * b : ys1 - by * b, xs0 - bx * b : xs1 - bx * b], out=view)
     sd += intensity
-    # Rounding to nearest and saturating, as a camera's ADC does.
-    return cv2.convertScaleAbs(np.clip(sd, 0, 255, out=sd))
+    # Rounding to nearest and saturating, as a camera's ADC does (negatives are clipped first: the
+    # conversion takes absolute values).
+    cv2.threshold(sd, 0.0, 0.0, cv2.THRESH_TOZERO, dst=sd)
+    return cv2.convertScaleAbs(sd)

@@ -15,6 +15,40 @@ from ..errors import ParameterError
 #: whole smear on a slide ('whole'). Here, not in scene.py, so the command line can list them cheaply.
 PLACEMENTS = ("monolayer", "thick", "feathered", "across", "whole")
 
+#: Artefacts of real slides and scans, each of which can be switched off (all are on by default).
+ARTEFACTS: dict[str, str] = {
+    "dust": "dust and fibres on the coverslip, out of focus",
+    "precipitate": "clusters of dark purple stain precipitate",
+    "debris": "debris and lysed cells, pale purple blobs",
+    "edge": "the coverslip edge, on whole slides",
+    "label": "the opaque paper label, on whole slides (in a skipped area unless unscanned is off)",
+    "unscanned": "bare glass the scanner skipped, black or white, on whole slides",
+    "focus": "out-of-focus patches",
+    "seams": "stitching seams, where vignetting, gain and tint change from camera field to field",
+}
+
+
+def parse_artefacts(text: str) -> frozenset[str]:
+    """``"all"``, ``"none"`` or a comma-separated list of :data:`ARTEFACTS` names.
+
+    Raises
+    ------
+    ParameterError
+        For an unknown name; the message lists the valid ones.
+    """
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    if words == ["all"]:
+        return frozenset(ARTEFACTS)
+    if words in (["none"], []):
+        return frozenset()
+    unknown = [w for w in words if w not in ARTEFACTS]
+    if unknown:
+        raise ParameterError(
+            f"unknown artefact(s) {', '.join(unknown)}; use all, none or a list of: {', '.join(ARTEFACTS)}"
+        )
+    return frozenset(words)
+
+
 #: Class frequencies of the MLL23 gallery (counts from the dataset paper).
 MLL23_COUNTS: dict[str, float] = {
     "typical_lymphocyte": 5532,

@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+import cv2
 import numpy as np
 
 from ._hash import block_rng
+from .artefacts import add_edge_and_label, artefact_sprites, unscanned_fields
 from .cells import MAX_DIAMETER_UM, MLL23_CLASSES, CellSprite, render_cell
 from .optics import (
     Optics,
@@ -21,11 +23,19 @@ from .optics import (
     apply_blur,
     blur_halo_px,
     draw_optics,
-    illumination,
-    sigma_map_um,
+    smooth_fields,
+    workspace,
 )
-from .scene import N_PLATELET_VARIANTS, N_RBC_VARIANTS, NucleatedCells, Scene, SceneSpec, select_cells
-from .stain import concentrations_to_od, slide_stain_matrix
+from .scene import (
+    N_PLATELET_VARIANTS,
+    N_RBC_VARIANTS,
+    NucleatedCells,
+    Scene,
+    SceneSpec,
+    SimpleObjects,
+    select_cells,
+)
+from .stain import slide_stain_matrix
 
 _LN10 = math.log(10.0)
 _B_BANK, _B_STAIN = 301, 302
@@ -42,8 +52,34 @@ class SlideModel:
 
     def __post_init__(self) -> None:
         self.scene = Scene(self.spec)
-        self.optics = draw_optics(self.spec.seed, self.spec.mpp, self.spec.width_px, self.spec.height_px)
+        spec = self.spec
+        self.optics = draw_optics(
+            spec.seed,
+            spec.mpp,
+            spec.width_px,
+            spec.height_px,
+            focus="focus" in spec.artefacts,
+            seams="seams" in spec.artefacts,
+        )
         self.stain_matrix = slide_stain_matrix(block_rng(self.spec.seed, _B_STAIN))
+
+    def od_bank(self, kind: str, n: int, spread: float) -> tuple[tuple[int, int, np.ndarray], ...]:
+        """Red-cell or platelet variants as optical density sprites ``(y0, x0, od)`` in this slide's stain."""
+        return _od_bank(self.spec.seed, self.spec.mpp, kind, n, spread, self.stain_matrix.tobytes())
+
+
+@lru_cache(maxsize=8)
+def _od_bank(
+    seed: int, mpp: float, kind: str, n: int, spread: float, stain_matrix: bytes
+) -> tuple[tuple[int, int, np.ndarray], ...]:
+    # Module level, not on the model: a worker receives a fresh copy of the model with every task.
+    matrix = np.frombuffer(stain_matrix, dtype=np.float32).reshape(3, 3)
+    return tuple((s.y0, s.x0, _to_od(s.conc, matrix)) for s in _sprite_bank(seed, mpp, kind, n, spread))
+
+
+def _to_od(conc: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
+    """Stain concentrations ``(h, w, 3)`` to RGB optical density (Beer-Lambert: a linear map)."""
+    return cv2.transform(np.ascontiguousarray(conc, dtype=np.float32), stain_matrix.T.astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -72,6 +108,27 @@ def _sprite_bank(seed: int, mpp: float, kind: str, n: int, spread: float) -> tup
     return tuple(render_cell(kind, int(s), 0.5, 0.5, mpp, spread) for s in seeds)
 
 
+def simple_object_diameters_um(
+    model: SlideModel, red: SimpleObjects, platelets: SimpleObjects
+) -> tuple[np.ndarray, np.ndarray]:
+    """Drawn diameters (um) of red cells and platelets, as :func:`render_region` draws them."""
+    spreads = _red_cell_spreads(model.scene.spread(red.x_um, red.y_um))
+    red_d = np.zeros(len(red))
+    for spread in np.unique(spreads):
+        bank = _sprite_bank(model.spec.seed, model.spec.mpp, "red_cell", N_RBC_VARIANTS, float(spread))
+        sizes = np.array([s.diameter_um for s in bank])
+        mask = spreads == spread
+        red_d[mask] = sizes[red.variant[mask]]
+    bank = _sprite_bank(model.spec.seed, model.spec.mpp, "platelet", N_PLATELET_VARIANTS, 1.0)
+    plt_d = np.array([s.diameter_um for s in bank])[platelets.variant] if len(platelets) else np.zeros(0)
+    return red_d, plt_d
+
+
+def _red_cell_spreads(spreads: np.ndarray) -> np.ndarray:
+    """The sprite bank (by its spread) each red cell is drawn from: flattened, contracted or normal."""
+    return np.where(spreads > 1.1, 1.25, np.where(spreads < 0.95, 0.92, 1.0))
+
+
 def _paste(canvas: np.ndarray, cy0: int, cx0: int, sprite: np.ndarray, sy0: int, sx0: int) -> None:
     """Add a sprite whose top-left is absolute (sy0, sx0) into a canvas whose top-left is (cy0, cx0)."""
     h, w = canvas.shape[:2]
@@ -84,13 +141,27 @@ def _paste(canvas: np.ndarray, cy0: int, cx0: int, sprite: np.ndarray, sy0: int,
 
 
 def _paste_bank(
-    canvas: np.ndarray, cy0: int, cx0: int, bank: tuple[CellSprite, ...], x_um, y_um, variant, mpp
+    canvas: np.ndarray,
+    cy0: int,
+    cx0: int,
+    bank: tuple[tuple[int, int, np.ndarray], ...],
+    x_um,
+    y_um,
+    variant,
+    mpp,
 ) -> None:
     cx = np.floor(np.asarray(x_um) / mpp).astype(np.int64)
     cy = np.floor(np.asarray(y_um) / mpp).astype(np.int64)
-    for px, py, v in zip(cx, cy, variant, strict=True):
-        sprite = bank[int(v)]
-        _paste(canvas, cy0, cx0, sprite.conc, sprite.y0 + int(py), sprite.x0 + int(px))
+    h, w = canvas.shape[:2]
+    # Hot loop (a thousand sprites per megapixel): sprites wholly inside the canvas take a fast path.
+    for px, py, v in zip(cx.tolist(), cy.tolist(), variant.tolist(), strict=True):
+        sy0, sx0, od = bank[v]
+        y, x = sy0 + py - cy0, sx0 + px - cx0
+        sh, sw = od.shape[:2]
+        if y >= 0 and x >= 0 and y + sh <= h and x + sw <= w:
+            canvas[y : y + sh, x : x + sw] += od
+        else:
+            _paste(canvas, cy0, cx0, od, sy0 + py, sx0 + px)
 
 
 def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) -> RenderedRegion:
@@ -113,7 +184,8 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     halo = blur_halo_px(mpp)
     cy0, cx0 = y0 - halo, x0 - halo
     ch, cw = height + 2 * halo, width + 2 * halo
-    canvas = np.zeros((ch, cw, 3), dtype=np.float32)
+    canvas = workspace("canvas", (ch, cw, 3))
+    canvas.fill(0.0)
 
     ax0, ay0 = cx0 * mpp - MAX_DIAMETER_UM / 2, cy0 * mpp - MAX_DIAMETER_UM / 2
     ax1, ay1 = (cx0 + cw) * mpp + MAX_DIAMETER_UM / 2, (cy0 + ch) * mpp + MAX_DIAMETER_UM / 2
@@ -124,15 +196,13 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     red = scene.red_cells(ax0, ay0, ax1, ay1, nucleated)
     platelets = scene.platelets_in_rect(ax0, ay0, ax1, ay1)
 
-    spreads = scene.spread(red.x_um, red.y_um)
-    flattened = spreads > 1.1
-    contracted = spreads < 0.95
-    normal = ~(flattened | contracted)
-    for mask, spread in ((normal, 1.0), (flattened, 1.25), (contracted, 0.92)):
+    spreads = _red_cell_spreads(scene.spread(red.x_um, red.y_um))
+    for spread in (1.0, 1.25, 0.92):
+        mask = spreads == spread
         if mask.any():
-            bank = _sprite_bank(spec.seed, mpp, "red_cell", N_RBC_VARIANTS, spread)
+            bank = model.od_bank("red_cell", N_RBC_VARIANTS, spread)
             _paste_bank(canvas, cy0, cx0, bank, red.x_um[mask], red.y_um[mask], red.variant[mask], mpp)
-    bank = _sprite_bank(spec.seed, mpp, "platelet", N_PLATELET_VARIANTS, 1.0)
+    bank = model.od_bank("platelet", N_PLATELET_VARIANTS, 1.0)
     _paste_bank(canvas, cy0, cx0, bank, platelets.x_um, platelets.y_um, platelets.variant, mpp)
 
     in_core = (
@@ -156,17 +226,22 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
             mpp,
             float(nucleated.spread[k]),
         )
-        _paste(canvas, cy0, cx0, sprite.conc, sprite.y0, sprite.x0)
+        _paste(canvas, cy0, cx0, _to_od(sprite.conc, model.stain_matrix), sprite.y0, sprite.x0)
         diameters[k] = sprite.diameter_um
         nucleus_areas[k] = sprite.nucleus_area_um2
 
-    od = concentrations_to_od(canvas, model.stain_matrix)
-    transmittance = np.exp(-_LN10 * od)
-    sigma = sigma_map_um(model.optics, cy0, cx0, ch, cw)
-    transmittance = apply_blur(transmittance, sigma, mpp)
-    core = transmittance[halo : halo + height, halo : halo + width]
-    intensity = core * illumination(model.optics, y0, x0, height, width)
+    for sy0, sx0, od in artefact_sprites(spec, ax0, ay0, ax1, ay1):
+        _paste(canvas, cy0, cx0, od, sy0, sx0)
+    add_edge_and_label(canvas, spec, cy0, cx0)
+
+    # The canvas holds optical density; light through it is 10^-OD.
+    canvas *= np.float32(-_LN10)
+    transmittance = cv2.exp(canvas, canvas)
+    level_index, glass = smooth_fields(model.optics, y0, x0, height, width)
+    core = apply_blur(transmittance, halo, level_index, mpp)
+    intensity = np.multiply(core, glass, out=core)
     rgb = add_sensor_noise(intensity, model.optics, y0, x0)
+    unscanned_fields(rgb, spec, model.optics.field_px, y0, x0, lambda x, y: scene.thickness(x, y) <= 0.0)
 
     core_red = (
         (red.x_um >= x0 * mpp)

@@ -2,7 +2,7 @@
 
 Memory stays flat with slide size: workers render square chunks (a multiple of 256 px), JPEG-encode
 their level-0 tiles and write their 4x-reduced pixels straight into a temporary on-disk array (each
-chunk owns its own array chunks); the driver only receives encoded tiles, a chunk row at a time, in the
+chunk owns its own file); the driver only receives encoded tiles, a chunk row at a time, in the
 order the TIFF needs. Reduced levels are then built from the temporary array band by band.
 
 Outputs appear only when whole: everything is written under ``*.partial`` names and renamed at the end.
@@ -22,16 +22,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pandas as pd
-import zarr
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
 from .. import __version__
 from ..engine import compute_client, ordered_map
 from ..errors import ParameterError
+from ._level1 import Level1Store
 from .cells import MLL23_CLASSES
 from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
-from .presets import get_preset
+from .presets import ARTEFACTS, get_preset, parse_artefacts
 from .render import SlideModel, render_region
 from .scene import PLACEMENTS, PUSH_ASIDE_MAX_THICKNESS, SceneSpec
 from .svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, thumbnail_from, tiles_of
@@ -86,7 +86,7 @@ class _ChunkResult:
     red_cell_zones: dict[str, int]
 
 
-def _render_chunk(chunk: _Chunk, model: SlideModel, level1_path: str) -> _ChunkResult:
+def _render_chunk(chunk: _Chunk, model: SlideModel, level1: Level1Store) -> _ChunkResult:
     region = render_region(model, chunk.x0, chunk.y0, chunk.width, chunk.height)
     rgb = region.rgb
     tiles = [
@@ -94,12 +94,8 @@ def _render_chunk(chunk: _Chunk, model: SlideModel, level1_path: str) -> _ChunkR
         for ty in range(0, chunk.height, TILE_PX)
     ]
     # Chunks are multiples of 256 px, so their 4x reduction covers whole chunks of the level-1 array.
-    level1 = zarr.open_array(level1_path, mode="r+")
     small = cv2.resize(rgb, (chunk.width // 4, chunk.height // 4), interpolation=cv2.INTER_AREA)
-    y1, x1 = chunk.y0 // 4, chunk.x0 // 4
-    h1 = min(small.shape[0], level1.shape[0] - y1)
-    w1 = min(small.shape[1], level1.shape[1] - x1)
-    level1[y1 : y1 + h1, x1 : x1 + w1] = small[:h1, :w1]
+    level1.write(chunk.y0 // 4, chunk.x0 // 4, small)
     cells = region.cells
     return _ChunkResult(
         tiles=tiles,
@@ -150,6 +146,7 @@ def simulate_slide(
     chunk_px: int = 1024,
     progress: bool = True,
     client: object | None = None,
+    artefacts: str | frozenset[str] = "all",
 ) -> SimulationResult:
     """Simulate a whole-slide scan of a blood smear and write it as an Aperio SVS with ground truth.
 
@@ -177,6 +174,9 @@ def simulate_slide(
         Show a progress bar.
     client
         An existing ``distributed.Client`` to use instead of starting a local cluster.
+    artefacts
+        Artefacts of real slides to include: ``"all"``, ``"none"``, a comma-separated list or a set of
+        names from :data:`pipeline.simulate.presets.ARTEFACTS`.
 
     Returns
     -------
@@ -190,7 +190,11 @@ def simulate_slide(
     blood = get_preset(preset)
     width_px = round(width_mm * 1000.0 / mpp)
     height_px = round(height_mm * 1000.0 / mpp)
-    model = SlideModel(SceneSpec(width_px, height_px, mpp, seed, blood, placement))
+    chosen = parse_artefacts(artefacts) if isinstance(artefacts, str) else frozenset(artefacts)
+    unknown = sorted(chosen - set(ARTEFACTS))
+    if unknown:
+        raise ParameterError(f"unknown artefact(s) {', '.join(unknown)}; valid: {', '.join(ARTEFACTS)}")
+    model = SlideModel(SceneSpec(width_px, height_px, mpp, seed, blood, placement, chosen))
 
     stem = out.name[: -len(out.suffix)]
     truth_path = out.with_name(stem + ".truth.csv")
@@ -201,15 +205,7 @@ def simulate_slide(
     workdir.mkdir()
     try:
         sizes = pyramid_sizes(width_px, height_px)
-        level1_path = str(workdir / "level1.zarr")
-        zarr.create_array(
-            level1_path,
-            shape=(sizes[1][1], sizes[1][0], 3),
-            chunks=(64, 64, 3),
-            dtype="uint8",
-            fill_value=255,
-            compressors=None,
-        )
+        level1 = Level1Store.create(workdir / "level1", sizes[1][0], sizes[1][1], chunk_px)
         n_tx, n_ty = math.ceil(width_px / TILE_PX), math.ceil(height_px / TILE_PX)
         chunks = [
             _Chunk(x0, y0, min(chunk_px, n_tx * TILE_PX - x0), min(chunk_px, n_ty * TILE_PX - y0))
@@ -243,7 +239,7 @@ def simulate_slide(
             if client is not None:
                 svs.write_level0(
                     level0_tiles(
-                        ordered_map(client, _render_chunk, chunks, model, level1_path, window=per_row + 4)
+                        ordered_map(client, _render_chunk, chunks, model, level1, window=per_row + 4)
                     )
                 )
             else:
@@ -251,13 +247,13 @@ def simulate_slide(
                     window = per_row + 2 * max(1, workers)
                     svs.write_level0(
                         level0_tiles(
-                            ordered_map(own_client, _render_chunk, chunks, model, level1_path, window=window)
+                            ordered_map(own_client, _render_chunk, chunks, model, level1, window=window)
                         )
                     )
             bar.close()
             if len(collected) != len(chunks):
                 raise RuntimeError(f"rendered {len(collected)} of {len(chunks)} chunks")
-            levels = _write_reduced_levels(svs, level1_path, sizes)
+            levels = _write_reduced_levels(svs, level1, sizes)
         truth, summary = _truth_tables(model, collected, placement, preset, seed, levels)
         summary = {"slide": out.name, **summary}  # evaluate checks that a gallery's truth is its slide's
         truth.to_csv(truth_path.with_name(truth_path.name + ".partial"), index=False)
@@ -283,28 +279,29 @@ def simulate_slide(
 
 
 def _write_reduced_levels(
-    svs: SvsWriter, level1_path: str, sizes: list[tuple[int, int]]
+    svs: SvsWriter, level1: Level1Store, sizes: list[tuple[int, int]]
 ) -> list[tuple[int, int]]:
-    """Write the thumbnail, level 1 from the temporary array, and smaller levels, band by band."""
-    level1 = zarr.open_array(level1_path, mode="r")
+    """Write the thumbnail, level 1 from the temporary pieces, and smaller levels, band by band."""
     w1, h1 = sizes[1]
     # Level 2 is 1/16 of level 1's pixels: small enough to hold (75 MB for a 20 x 20 mm slide).
     finer = np.empty((sizes[2][1], sizes[2][0], 3), dtype=np.uint8) if len(sizes) > 2 else None
     band = 4 * TILE_PX
     for y in range(0, h1, band):
-        rows = level1[y : y + band]
+        rows = level1.rows(y, y + band)
         if finer is not None:
             small = _reduce4(rows)
             finer[y // 4 : y // 4 + small.shape[0]] = small[: finer.shape[0] - y // 4]
     pyramid = [finer] if finer is not None else []
     for _ in sizes[3:]:
         pyramid.append(_reduce4(pyramid[-1]))
-    smallest = pyramid[-1] if pyramid else level1[:]
+    smallest = pyramid[-1] if pyramid else level1.rows(0, h1)
     svs.write_thumbnail(thumbnail_from(smallest))
 
     def level1_tiles() -> Iterator[np.ndarray]:
-        for y in range(0, h1, TILE_PX):
-            yield from tiles_of(level1[y : y + TILE_PX])
+        for y in range(0, h1, band):
+            rows = level1.rows(y, y + band)
+            for t in range(0, rows.shape[0], TILE_PX):
+                yield from tiles_of(rows[t : t + TILE_PX])
 
     svs.write_level(level1_tiles(), (w1, h1))
     for image in pyramid:
@@ -374,6 +371,7 @@ def _truth_tables(
         "seed": seed,
         "preset": asdict(get_preset(preset)),
         "placement": placement,
+        "artefacts": sorted(spec.artefacts),
         "mpp": spec.mpp,
         "width_px": spec.width_px,
         "height_px": spec.height_px,

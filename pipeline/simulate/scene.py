@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import ParameterError
 from ._hash import block_rng, hash_uniform
 from .cells import MLL23_CLASSES, class_diameter_range_um
-from .presets import PLACEMENTS, BloodPreset
+from .presets import ARTEFACTS, PLACEMENTS, BloodPreset
 
 ZONES = ("thick", "monolayer", "feathered", "glass")
 
@@ -105,6 +105,8 @@ class SceneSpec:
         Blood counts and differential.
     placement
         Which part of the smear the window shows: one of :data:`PLACEMENTS`.
+    artefacts
+        Which artefacts of :data:`~pipeline.simulate.presets.ARTEFACTS` the slide has.
     """
 
     width_px: int
@@ -113,6 +115,7 @@ class SceneSpec:
     seed: int
     preset: BloodPreset
     placement: str = "monolayer"
+    artefacts: frozenset[str] = frozenset(ARTEFACTS)
 
     @property
     def width_um(self) -> float:

@@ -3,9 +3,10 @@
 Bright-field images obey Beer-Lambert: optical densities (OD = -log10 I/I0) of overlapping
 absorbers add, so every simulated object is a map of *concentrations* of a few stain components, and
 the slide's colour is ``OD = concentrations @ stain_matrix``. The base OD vectors are fitted to median
-colours measured on CellaVision images of MGG smears (DESIGN-NOTES.md section 3): one unit of
-``EOSIN`` is a typical red cell, one unit of ``CHROMATIN`` a typical nucleus, and lymphocyte cytoplasm is
-about 0.5 ``BLUE`` + 0.6 ``EOSIN``.
+colours measured on CellaVision images of MGG smears (DESIGN-NOTES.md section 3) and scaled to the
+optical densities measured on real photographs (``python -m benchmarks.realism``: a red cell sums to
+about 0.3, a nucleus to about 0.7-1.4): one unit of ``EOSIN`` is a typical red cell, one unit of
+``CHROMATIN`` a typical nucleus, and lymphocyte cytoplasm is about 0.5 ``BLUE`` + 0.6 ``EOSIN``.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ STAIN_NAMES = ("eosin", "blue", "chromatin")
 #: OD per unit concentration, rows are components, columns R, G, B.
 BASE_STAIN_MATRIX = np.array(
     [
-        [0.10, 0.14, 0.09],  # eosin: red cell (202,164,165) on (255,228,203)
+        [0.06, 0.105, 0.07],  # eosin: red cell; hue between chula-rbc and txl-pbc (DESIGN-NOTES 9)
         [0.20, 0.12, 0.03],  # methylene blue
-        [0.56, 0.96, 0.18],  # chromatin: nucleus (70,25,133)
+        [0.29, 0.50, 0.10],  # chromatin: nucleus hue (70,25,133); strength from the realism report
     ],
     dtype=np.float32,
 )
