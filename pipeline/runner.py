@@ -58,6 +58,7 @@ from .relocate import (
     search_window_half_um,
 )
 from .segment import (
+    DEFAULT_RED_CELL_OD,
     SegmentParams,
     SlideStains,
     estimate_slide_stains,
@@ -307,8 +308,14 @@ def _estimate_task(windows: list[tuple[int, int, int, int]], plan: Plan) -> Slid
     params = plan.params
     sample_od = sample_optical_density(samples, plan.overview_mpp, params.segment)
     stains = estimate_slide_stains(samples, plan.overview_mpp, params.segment, sample_od)
-    layers = [red_cell_layers(od, stains.red_cell_direction, stains.red_cell_od) for od in sample_od[1]]
+    unit = _red_cell_unit(stains)
+    layers = [red_cell_layers(od, stains.red_cell_direction, unit) for od in sample_od[1]]
     return SlideEstimate(stains, slide_density(layers, plan.overview_mpp, params.quality))
+
+
+def _red_cell_unit(stains: SlideStains) -> float:
+    """One red cell's OD: the slide's own, or real smears' typical one where too little stain was sampled."""
+    return stains.red_cell_od if stains.red_cell_od > 0 else DEFAULT_RED_CELL_OD
 
 
 # -------------------------------------------------------------------------------------- detection
@@ -330,7 +337,7 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     cx, cy = cx[core], cy[core]
     if objects.empty:
         return _empty_candidates()
-    layers = red_cell_layers(od, estimate.stains.red_cell_direction, estimate.stains.red_cell_od)
+    layers = red_cell_layers(od, estimate.stains.red_cell_direction, _red_cell_unit(estimate.stains))
     radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
     ring = ring_features(layers, labels, cx, cy, radius_px, plan.overview_mpp, params.quality)
     # Objects reaching the edge of the scanned image are cut: part of the cell lies outside it.

@@ -72,6 +72,10 @@ DEFAULT_RED_CELL_DIRECTION = (0.452, 0.746, 0.489)
 #: pixels in each white-cell box (99 % of the photographs within 19 degrees of it).
 DEFAULT_NUCLEUS_DIRECTION = (0.466, 0.872, 0.149)
 
+#: A single red cell's OD along its direction where a slide has too little stain to measure it: the
+#: median over 8-photograph groups of the same tuning sets at 1 um/px (0.10-0.32 across them).
+DEFAULT_RED_CELL_OD = 0.18
+
 #: The measured nuclear direction replaces the default only within this angle of it (degrees; both made
 #: orthogonal to the slide's red cells): a pen mark or dust dominating the samples must not redefine what
 #: a nucleus is.
@@ -363,6 +367,9 @@ def local_white(
 ) -> np.ndarray:
     """The local glass white ``(h, w, 3)`` uint8: per-channel maximum of the 3 x 3 mean over a window.
 
+    With the slide's white it is kept between ``white_floor`` times it (thick zones, where no glass is
+    near) and the slide's white itself (2 levels of noise above): the white fill beyond the slide's edge
+    or over unscanned areas is not the glass, and would give the glass near it an optical density.
     Integer arithmetic throughout: the result at a pixel depends only on its neighbourhood, never on
     where a tile starts (a float running sum would).
     """
@@ -372,8 +379,11 @@ def local_white(
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
     white = cv2.dilate(smooth, kernel, borderType=cv2.BORDER_REPLICATE)
     if slide_white is not None:
-        floor = np.clip(np.round(params.white_floor * np.asarray(slide_white, np.float64)), 1, 255)
+        slide = np.asarray(slide_white, np.float64)
+        floor = np.clip(np.round(params.white_floor * slide), 1, 255)
         cv2.max(white, (*(float(v) for v in floor), 0.0), dst=white)
+        ceiling = np.clip(np.ceil(slide) + 2, 1, 255)
+        cv2.min(white, (*(float(v) for v in ceiling), 255.0), dst=white)
     return white
 
 

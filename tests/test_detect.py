@@ -145,8 +145,8 @@ def test_segmentation_is_tile_invariant(small_slide, tile, shift):
 
 def test_slide_without_a_1um_level_is_resampled(tmp_path):
     sim = simulate_slide(
-        tmp_path / "coarse.svs", width_mm=1.0, height_mm=1.0, seed=9, preset="aml", mpp=0.4, workers=0,
-        progress=False,
+        tmp_path / "coarse.svs", width_mm=1.0, height_mm=1.0, seed=9, preset="aml", mpp=0.4,
+        artefacts="none", workers=0, progress=False,
     )  # fmt: skip
     result = run_slide(sim.slide_path, tmp_path / "out", workers=0, progress=False)
     gallery = open_gallery(result.gallery)
@@ -210,7 +210,7 @@ def test_blank_glass_is_skipped_without_changing_the_result(tmp_path):
     # a whole smear drawn small: glass margins around it (label end, beyond the feathered tip, sides)
     sim = simulate_slide(
         tmp_path / "edge.svs", width_mm=3.0, height_mm=1.0, seed=4, preset="aml", placement="whole",
-        mpp=0.5, workers=0, progress=False,
+        mpp=0.5, artefacts="none", workers=0, progress=False,
     )  # fmt: skip
     params = RunParams(tile_px=128)
     fast = run_slide(sim.slide_path, tmp_path / "fast", params=params, workers=0, progress=False)

@@ -123,7 +123,7 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A 0.5 x 0.5 mm simulated Aperio SVS (about 16 white cells) with its truth."""
     return simulate_slide(
         tmp_path_factory.mktemp("base") / "base.svs", width_mm=0.5, height_mm=0.5, seed=3, preset="aml",
-        placement="monolayer", workers=0, progress=False,
+        placement="monolayer", artefacts="none", workers=0, progress=False,
     )  # fmt: skip
 
 

@@ -30,7 +30,7 @@ SAMPLE = REPO / "sample_data" / "sample_mll23.svs"
 
 @pytest.fixture(scope="session")
 def review_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An output folder of `run` on the shipped sample slide (65 cells, 465 candidates)."""
+    """An output folder of `run` on the shipped sample slide (about 65 cells from 465 candidates)."""
     from pipeline.cli import main
 
     folder = tmp_path_factory.mktemp("review")
@@ -255,12 +255,19 @@ def client(out_copy):
     return create_app(out_copy).test_client()
 
 
-def test_pages_tables_and_pictures_are_served(client):
+def test_pages_tables_and_pictures_are_served(client, review_out):
+    from pipeline.gallery import open_gallery
+
+    gallery = open_gallery(review_out / "sample_mll23.zarr")
+    n_cells, n_candidates = len(gallery), len(gallery.candidates)
+    rejected = gallery.candidates.loc[~gallery.candidates["accepted"], "reason"].value_counts().to_dict()
     assert b"Batch" in client.get("/").data
     batch = client.get("/api/batch").get_json()
     failed, row = batch["slides"]
-    assert (row["stem"], row["status"], row["cells"], row["candidates"]) == ("sample_mll23", "done", 65, 465)
-    assert row["rejected_by_reason"] == {"thick_zone": 390, "cut": 10}
+    assert (row["stem"], row["status"], row["cells"], row["candidates"]) == (
+        "sample_mll23", "done", n_cells, n_candidates,
+    )  # fmt: skip
+    assert row["rejected_by_reason"] == rejected and len(rejected) >= 2
     assert row["pictures"] == ["sample_mll23.contact.png", "sample_mll23.overview.png"]
     assert (failed["stem"], failed["status"], failed["has_gallery"]) == ("broken", "failed", False)
     assert "broken.svs is not a slide OpenSlide or tifffile can read" in failed["error"]
@@ -369,8 +376,8 @@ def test_a_slide_openslide_cannot_open_is_shown_too(tmp_path):
         "/api/slide/..%2f..%2fetc/cells",
         "/dzi/..%2fsample_mll23.dzi",
         "/dzi/sample_mll23_files/99/0_0.jpeg",
-        "/slide/sample_mll23/cell/65.jpg",
-        "/slide/sample_mll23/candidate/465.jpg",
+        "/slide/sample_mll23/cell/100000.jpg",
+        "/slide/sample_mll23/candidate/100000.jpg",
         "/etc/passwd",
     ],
 )

@@ -63,6 +63,20 @@ def _check_complete(path: Path, levels: list[_SegmentLevel]) -> None:
         )
 
 
+def _data_end(path: Path) -> int:
+    """The largest end of any image data segment the readable pages of a TIFF point to (0 if none)."""
+    end = 0
+    try:
+        with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
+            for page in tif.pages:
+                offsets, counts = page.dataoffsets, page.databytecounts
+                if len(offsets) and len(counts):
+                    end = max(end, max(o + c for o, c in zip(offsets, counts, strict=False)))
+    except Exception:  # only a hint for the message: the caller reports the real error
+        pass
+    return int(end)
+
+
 def _float_or_none(text: str | None) -> float | None:
     if text is None:
         return None
@@ -172,6 +186,13 @@ def _open_tifffile(path: Path, openslide_reason: str) -> _Opened:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             return _tifffile_opened(path, tif)
     except _Unsupported as exc:
+        # A file cut short looks unsupported too (tag arrays and pages beyond its end): say so.
+        end = _data_end(path)
+        size = path.stat().st_size
+        if end > size:
+            raise SlideError(
+                f"{path} is truncated (image data runs to byte {end}, the file has {size}); re-copy the file"
+            ) from exc
         raise SlideError(f"{path}: cannot be read ({exc}); convert it to a tiled RGB TIFF or SVS") from exc
     except SlideError:
         raise  # already says what is wrong (e.g. truncated) and names the file
