@@ -73,6 +73,15 @@ def test_report_flags_a_simulated_median_outside_the_real_range():
     assert "OUT" in text
 
 
+def test_report_flags_gallery_recalls_more_than_5_points_apart():
+    real = {"a": {k: list(np.linspace(1.0, 2.0, 11)) for k in STATISTICS}}
+    inside = {k: [1.5] for k in STATISTICS}
+    text, out = report(real, inside, [("vs all real (pooled)", 0.95, 0.97), ("vs a", 0.95, 0.99)])
+    assert out == [] and "OUT" not in text and "95.0%" in text
+    text, out = report(real, inside, [("vs all real (pooled)", 0.99, 0.90), ("vs a", 0.99, 0.90)])
+    assert out == ["gallery recall (simulated vs real, pooled)"] and text.count("OUT") == 2
+
+
 def test_every_statistic_is_measured_on_real_and_simulated_fields():
     """A few real images per set and one simulated slide give every statistic a value."""
     from benchmarks.realism import REAL_SETS, collect, simulated_fields
