@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -457,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Exit code when the reader of standard output closed it early: 128 + SIGPIPE, as the shell reports.
+EXIT_BROKEN_PIPE = 141
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit code."""
     clear_interrupt()
@@ -481,6 +486,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             # with our exit code; any later exec() of a string clears that record.
             exec("pass")
             return 130
+        if isinstance(exc, BrokenPipeError) and exc.filename is None:
+            # Whoever read our output went away (`... | head`): stop quietly, as a program killed by
+            # SIGPIPE does, and keep Python from failing again when it flushes stdout at exit.
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
         if debug:
             raise
         print(f"error: {_one_line_error(exc)}", file=sys.stderr)

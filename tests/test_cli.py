@@ -85,3 +85,17 @@ def test_bad_mpp_is_an_error_even_where_the_gallery_is_complete(finished, value,
     # a plausible --mpp still skips the complete gallery
     assert main(["run", str(slide), "--out", str(out), "--mpp", "0.25", "--workers", "0", "--quiet"]) == 0
     assert "skipped" in capsys.readouterr().out
+
+
+def test_a_reader_that_stops_early_is_not_an_error(finished):
+    """``evaluate ... | head``: the pipe closes before the report is written; no error line, no traceback."""
+    slide, out = finished
+    command = ["evaluate", str(out / "s.zarr"), str(slide.with_suffix(".truth.csv"))]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *command],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+    )  # fmt: skip
+    proc.stdout.close()  # the reader goes away before the command prints anything
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "error" not in stderr and "Traceback" not in stderr, stderr
