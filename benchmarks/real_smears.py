@@ -300,7 +300,12 @@ def score(truth: pd.DataFrame, candidates: pd.DataFrame, mpp: float, centred: bo
     acc_idx = np.flatnonzero(accepted)
     by_accepted = match_boxes(truth, x[acc_idx], y[acc_idx])
     uncut = ~truth["cut"].to_numpy(bool)
-    lost = [reasons[j] for j, u in zip(by_candidate, uncut, strict=True) if j >= 0 and u and not accepted[j]]
+    # good cells lost: uncut boxes no accepted cell matched, by the reason of their own candidate
+    lost = [
+        reasons[j]
+        for j, u, a in zip(by_candidate, uncut, by_accepted, strict=True)
+        if j >= 0 and u and a < 0 and not accepted[j]
+    ]
     unmatched = np.ones(len(acc_idx), bool)
     unmatched[by_accepted[by_accepted >= 0]] = False
     ux, uy = x[acc_idx][unmatched], y[acc_idx][unmatched]

@@ -13,7 +13,8 @@ Metafer grades every gallery object by *cell density* and *the immediate neighbo
     or in rouleaux more.
 ``density_ratio``
     ``layers`` over the slide's *own* typical density (:func:`slide_density`: the median over the
-    stained part of the slide's sample windows, in blocks of ``density_block_um``). Density is judged
+    stained part of the slide's sample windows, in blocks of ``density_block_um``; at least
+    ``min_density``). Density is judged
     against the slide's own monolayer, not against one absolute number: labs, stains and scanners give a
     readable field anything from 0.5 to 1.3 layers. A cell is rejected as ``thick_zone`` when its ring is
     more than ``thick_factor`` times as dense as the slide's typical field.
@@ -42,6 +43,7 @@ fails, in the order of :data:`REASONS`. ``quality`` (0-1) is a soft score of the
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -49,6 +51,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ParameterError
+from .segment import NON_TISSUE_MIN_OD
 
 REASONS = ("cut", "thick_zone", "touching", "out_of_focus")
 
@@ -70,6 +73,10 @@ class QualityParams:
     thick_factor
         Reject as ``thick_zone`` when the ring is more than this many times as dense as the slide's
         typical field.
+    min_density
+        ... where the typical field counts as at least this dense (red-cell layers): the readable
+        fields of the real sets measure 0.75-1.0, and on a sparse slide (anaemic blood, samples near
+        the smear's borders) a ring of red cells touching the white cell is no thick zone.
     min_gap_um
         Reject as ``touching`` when another candidate's edge is closer than this (negative: overlap).
     max_blur_um
@@ -82,6 +89,7 @@ class QualityParams:
     stacked_factor: float = 1.7
     density_block_um: float = 24.0
     thick_factor: float = 2.5
+    min_density: float = 0.6
     min_gap_um: float = 1.0
     max_blur_um: float = 0.9
 
@@ -93,6 +101,7 @@ class QualityParams:
             "stacked_factor",
             "density_block_um",
             "thick_factor",
+            "min_density",
             "max_blur_um",
         )
         for name in positive:
@@ -110,6 +119,9 @@ class QualityParams:
 def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> np.ndarray:
     """Optical density along the slide's red-cell direction, in single red cells ``(h, w)`` float32.
 
+    Pixels dark in every channel (black or unscanned areas, field stops: not tissue, see
+    :data:`pipeline.segment.NON_TISSUE_MIN_OD`) are NaN: they say nothing of how thick the smear is.
+
     Parameters
     ----------
     od
@@ -119,9 +131,13 @@ def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> n
     red_cell_od
         A single red cell's typical OD along it.
     """
+    od = np.ascontiguousarray(od, dtype=np.float32)
     e = np.asarray(red_cell_direction, dtype=np.float64)
     e = e / np.linalg.norm(e) / max(float(red_cell_od), 1e-6)
-    return cv2.max(cv2.transform(np.ascontiguousarray(od, dtype=np.float32), e.astype(np.float32)[None]), 0.0)
+    layers = cv2.max(cv2.transform(od, e.astype(np.float32)[None]), 0.0)
+    darkest = cv2.min(cv2.min(od[..., 0], od[..., 1]), od[..., 2])
+    layers[darkest >= NON_TISSUE_MIN_OD] = np.nan
+    return layers
 
 
 def slide_density(layers: list[np.ndarray], mpp: float, params: QualityParams) -> float:
@@ -146,7 +162,10 @@ def slide_density(layers: list[np.ndarray], mpp: float, params: QualityParams) -
     for window in layers:
         h, w = (window.shape[0] // b) * b, (window.shape[1] // b) * b
         if h and w:
-            blocks.append(window[:h, :w].reshape(h // b, b, w // b, b).mean(axis=(1, 3)).ravel())
+            with warnings.catch_warnings():  # a block of nothing but black is NaN, and left out
+                warnings.simplefilter("ignore", RuntimeWarning)
+                part = np.nanmean(window[:h, :w].reshape(h // b, b, w // b, b), axis=(1, 3))
+            blocks.append(part.ravel())
     values = np.concatenate(blocks) if blocks else np.zeros(0)
     # Blocks of bare glass (a tenth of a red cell's worth of stain) say nothing of the smear's density.
     stained = values[values > 0.1]
@@ -205,6 +224,7 @@ def ring_features(
         other = labels[y0:y1, x0:x1][ring] > 0
         coverage[k] = float(np.mean((window > params.stained_factor) | other))
         free = window[~other]
+        free = free[~np.isnan(free)]  # black areas are not the smear
         if free.size:
             mean_layers[k] = float(free.mean())
             stacked[k] = float(np.mean(free > params.stacked_factor))
@@ -259,7 +279,8 @@ def judge(candidates: pd.DataFrame, params: QualityParams, density: float = math
         candidates' index.
     """
     n = len(candidates)
-    ratio = candidates["layers"].to_numpy(float) / density if density > 0 else np.full(n, np.nan)
+    reference = max(density, params.min_density) if density > 0 else math.nan
+    ratio = candidates["layers"].to_numpy(float) / reference
     gap = candidates["gap_um"].to_numpy(float)
     blur = candidates["blur_um"].to_numpy(float) if "blur_um" in candidates else np.full(n, np.nan)
     cut = candidates["cut"].to_numpy(bool) if "cut" in candidates else np.zeros(n, bool)

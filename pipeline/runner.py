@@ -340,11 +340,12 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     layers = red_cell_layers(od, estimate.stains.red_cell_direction, _red_cell_unit(estimate.stains))
     radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
     ring = ring_features(layers, labels, cx, cy, radius_px, plan.overview_mpp, params.quality)
-    # Objects reaching the edge of the scanned image are cut: part of the cell lies outside it.
+    # Objects reaching the edge of the scanned image are cut: part of the cell lies outside it. One
+    # pixel of slack: a native level can be a pixel smaller than the size planned from level 0.
     width, height = plan.overview_size
     gx0, gy0 = objects["x0"].to_numpy() + x0 - halo, objects["y0"].to_numpy() + y0 - halo
     gx1, gy1 = objects["x1"].to_numpy() + x0 - halo, objects["y1"].to_numpy() + y0 - halo
-    cut = (gx0 <= 0) | (gy0 <= 0) | (gx1 >= width) | (gy1 >= height)
+    cut = (gx0 <= 1) | (gy0 <= 1) | (gx1 >= width - 1) | (gy1 >= height - 1)
     out = pd.DataFrame(
         {
             "x_px": (x0 - halo + cx) * plan.scale,

@@ -141,7 +141,7 @@ class SegmentParams:
     white_floor
         The local white is kept at least this fraction of the slide's white (0.85; thick zones).
     threshold_factor
-        Adaptive threshold = this factor (3) x the 75th percentile of the residual's length (OD vector
+        Adaptive threshold = this factor (2.5) x the 75th percentile of the residual's length (OD vector
         less its red-cell component) on stained pixels, mostly red cells: their noise.
     min_threshold_factor
         ... and at least this fraction (0.35) of the red cells' median OD (a noise-free image).
@@ -249,7 +249,8 @@ class SlideStains:
     threshold_od
         The stain-feature threshold used for this slide (OD).
     stained_fraction
-        Fraction of sampled pixels that carry any stain (0 on blank glass).
+        Fraction of the sampled pixels that carry any stain, black or unscanned pixels left out (0 on
+        blank glass).
     red_cell_od
         Median OD length of stained pixels (mostly red cells), along ``red_cell_direction``: a single red
         cell's typical OD, the unit of the quality filter's density.

@@ -89,8 +89,12 @@ def test_a_crowded_monolayer_is_kept_and_a_field_much_denser_than_the_slide_is_n
     assert verdict.quality[0] > 0.9
     assert (verdict.quality[1:6] < 0.5).all()
     assert set(verdict.reason) <= {"", *REASONS}
-    # the same ring on a sparse slide (typical 0.3 layers) is more than 2.5 times as dense: thick zone
-    assert judge(table.iloc[:1], params, density=0.3).reason.tolist() == ["thick_zone"]
+    # on a sparse slide (typical 0.3 layers) the typical field counts as 0.6 layers: a ring of touching
+    # single red cells is kept, red cells stacked 1.6 deep (more than 2.5 x 0.6) are not
+    sparse = pd.DataFrame({"layers": [1.0, 1.6], "gap_um": [30.0, 30.0]})
+    assert judge(sparse, params, density=0.3).reason.tolist() == ["", "thick_zone"]
+    # on a slide as crowded as the readable fields, the same 1.6 layers are a monolayer
+    assert judge(sparse, params, density=0.9).reason.tolist() == ["", ""]
     # no density (blank glass): not judged on it
     assert judge(table.iloc[1:2], params).reason.tolist() == [""]
 

@@ -91,10 +91,11 @@ def test_a_slide_of_dense_purple_vignetted_fields_is_never_silently_empty(tmp_pa
     assert lo <= attrs["estimate"]["stains"]["threshold_od"] <= hi  # the black did not make it 1.4 OD
     # Red cells only: either white-cell candidates are found, or the run says that it found none, in a
     # warning, in the result (the batch record's column) and in the gallery's attrs.
-    if result.candidates == 0:
-        assert any("no white-cell candidate" in w for w in result.warnings)
-        assert any("no white-cell candidate" in str(w.message) for w in caught)
-    assert list(result.warnings) == attrs["warnings"]
+    said = any("no white-cell candidate" in str(w.message) for w in caught)
+    assert said == (result.candidates == 0), (result.candidates, [str(w.message) for w in caught])
+    assert said == any("no white-cell candidate" in w for w in attrs["warnings"])
+    # black is not the smear: the typical density is that of the red cells, not of the field stops
+    assert attrs["estimate"]["density_layers"] < 1.0
 
 
 def test_unusual_estimates_and_empty_stained_slides_are_reported():
