@@ -134,9 +134,10 @@ def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> n
     od = np.ascontiguousarray(od, dtype=np.float32)
     e = np.asarray(red_cell_direction, dtype=np.float64)
     e = e / np.linalg.norm(e) / max(float(red_cell_od), 1e-6)
-    layers = cv2.max(cv2.transform(od, e.astype(np.float32)[None]), 0.0)
-    darkest = cv2.min(cv2.min(od[..., 0], od[..., 1]), od[..., 2])
-    layers[darkest >= NON_TISSUE_MIN_OD] = np.nan
+    layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
+    # numpy, not cv2.max: OpenCV reads a scalar as four values on images of four pixels or fewer
+    np.maximum(layers, 0.0, out=layers)
+    layers[od.min(axis=2) >= NON_TISSUE_MIN_OD] = np.nan
     return layers
 
 

@@ -60,6 +60,15 @@ def test_red_cell_layers_are_od_along_the_red_cell_direction_in_single_cells():
     assert layers[1, 0] == 0.0 and layers[1, 1] == 0.0
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (4, 1), (2, 2)])
+def test_red_cell_layers_keep_the_shape_of_tiny_images(shape):
+    od = np.full((*shape, 3), 0.1, np.float32)
+    od[0, 0] = 1.0  # black: not the smear
+    layers = red_cell_layers(od, (0.45, 0.75, 0.49), 0.2)
+    assert layers.shape == shape
+    assert np.isnan(layers[0, 0]) and np.isfinite(layers.ravel()[1:]).all()
+
+
 def test_slide_density_is_the_median_of_stained_blocks():
     params = QualityParams(density_block_um=10.0)
     a = np.zeros((40, 40), np.float32)
