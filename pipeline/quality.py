@@ -14,10 +14,10 @@ Metafer grades every gallery object by *cell density* and *the immediate neighbo
 ``density_ratio``
     ``layers`` over the slide's *own* typical density (:func:`slide_density`: the median over the
     stained part of the slide's sample windows, in blocks of ``density_block_um``; at least
-    ``min_density``). Density is judged
-    against the slide's own monolayer, not against one absolute number: labs, stains and scanners give a
-    readable field anything from 0.5 to 1.3 layers. A cell is rejected as ``thick_zone`` when its ring is
-    more than ``thick_factor`` times as dense as the slide's typical field.
+    ``min_density``). Density is judged against the slide's own monolayer, not against one absolute
+    number: labs, stains and scanners give a readable field anything from 0.5 to 1.3 layers. A cell is
+    rejected as ``thick_zone`` when its ring is more than ``thick_factor`` times as dense as the slide's
+    typical field.
 ``coverage``, ``stacked``
     Fraction of the ring covered by stain (or other objects), and of it at least ``stacked_factor`` red
     cells thick: reported, not judged (real readable fields reach coverage 1.0 and stacked 0.8).
