@@ -38,13 +38,13 @@ import math
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from benchmarks.real_smears import voc_boxes
 from pipeline.segment import SegmentParams, SlideStains, estimate_slide_stains, required_halo_um, segment
 
 BCCD_MPP = 0.072  # from the median red-cell box (DESIGN-NOTES, data/bccd/SOURCE.md)
@@ -60,22 +60,6 @@ class Photo:
     rgb: np.ndarray
     wbc: list[tuple[float, float, float, float]]
     platelets: list[tuple[float, float, float, float]]
-
-
-def _boxes(xml_path: Path, name: str) -> list[tuple[float, float, float, float]]:
-    if not xml_path.exists():
-        return []
-    root = ET.parse(xml_path).getroot()
-    boxes = []
-    for obj in root.iter("object"):
-        if (obj.findtext("name") or "").strip() == name:
-            bb = obj.find("bndbox")
-            boxes.append(tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
-    return boxes
-
-
-def _wbc_boxes(xml_path: Path) -> list[tuple[float, float, float, float]]:
-    return _boxes(xml_path, "WBC")
 
 
 def photo_number(path: Path) -> int:
@@ -116,7 +100,7 @@ def load_photos(
         xml = bccd / "Annotations" / (path.stem + ".xml")
 
         def scaled(name: str, sx: float = sx, sy: float = sy, xml: Path = xml) -> list:
-            return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in _boxes(xml, name)]
+            return [(x0 * sx, y0 * sy, x1 * sx, y1 * sy) for x0, y0, x1, y1 in voc_boxes(xml, name)]
 
         photos.append(Photo(path.stem, small, scaled("WBC"), scaled("Platelets")))
     return photos

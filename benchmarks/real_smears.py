@@ -117,7 +117,8 @@ def _read_rgb(path: Path) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
-def _voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[float, float, float, float]]:
+def voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[float, float, float, float]]:
+    """Boxes ``(x0, y0, x1, y1)`` of objects called ``name`` in a Pascal VOC file (none if it is missing)."""
     if not xml_path.exists():
         return []
     boxes = []
@@ -179,7 +180,7 @@ def load_source(source: Source, split: str, data: Path = DATA, limit: int | None
         if source.sizes and (w, h) not in source.sizes:
             continue
         if source.folder == "bccd":
-            boxes = _voc_boxes(folder / "Annotations" / f"{path.stem}.xml")
+            boxes = voc_boxes(folder / "Annotations" / f"{path.stem}.xml")
         else:
             boxes = _yolo_boxes(folder / "labels" / f"{path.stem}.txt", w, h)
         photos.append(Photo(path.stem, rgb, _distinct(boxes)))
