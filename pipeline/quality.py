@@ -137,7 +137,9 @@ def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> n
     layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
     # numpy, not cv2.max: OpenCV reads a scalar as four values on images of four pixels or fewer
     np.maximum(layers, 0.0, out=layers)
-    layers[od.min(axis=2) >= NON_TISSUE_MIN_OD] = np.nan
+    # Channel by channel: numpy's reduction over a last axis of three is ~6x slower on a whole tile.
+    darkest = np.minimum(np.minimum(od[..., 0], od[..., 1]), od[..., 2])
+    layers[darkest >= NON_TISSUE_MIN_OD] = np.nan
     return layers
 
 
