@@ -123,17 +123,14 @@ def refine_centre(
     merge_px = max(1, round(params.merge_um / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * merge_px + 1, 2 * merge_px + 1))
     merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(merged, connectivity=8)
     cx, cy = centre_xy
-    if n <= 1:
-        return Refined(0.0, 0.0, math.nan, False)
     # The component closest to the overview centre (by its nearest pixel), within the search radius.
     # Pixels outside the search box are farther than the radius, so only the box is searched.
     search_px = params.search_um / mpp
-    h, w = labels.shape
+    h, w = merged.shape
     bx0, by0 = max(0, math.floor(cx - search_px) - 1), max(0, math.floor(cy - search_px) - 1)
     bx1, by1 = min(w, math.ceil(cx + search_px) + 1), min(h, math.ceil(cy + search_px) + 1)
-    yy, xx = np.nonzero(labels[by0:by1, bx0:bx1])
+    yy, xx = np.nonzero(merged[by0:by1, bx0:bx1])
     if yy.size == 0:
         return Refined(0.0, 0.0, math.nan, False)
     yy, xx = yy + by0, xx + bx0
@@ -141,10 +138,13 @@ def refine_centre(
     best = int(np.argmin(d2))
     if d2[best] > search_px**2:
         return Refined(0.0, 0.0, math.nan, False)
-    label = labels[yy[best], xx[best]]
-    x0, y0, bw, bh = (int(v) for v in stats[label, :4])
+    # Only the chosen component is needed: an 8-connected flood fill from its nearest pixel costs
+    # its own size, where labelling every component costs the whole window.
+    _, merged, _, (x0, y0, bw, bh) = cv2.floodFill(
+        merged, None, (int(xx[best]), int(yy[best])), 2, loDiff=0, upDiff=0, flags=8
+    )
     box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
-    component = (labels[box] == label) & (mask[box] > 0)
+    component = (merged[box] == 2) & (mask[box] > 0)
     if not component.any():  # closing can add pixels at the window border that hold no stain
         return Refined(0.0, 0.0, math.nan, False)
     ys, xs = np.nonzero(component)
@@ -180,12 +180,12 @@ def _edge_blur_um(od_sum: np.ndarray, component: np.ndarray, mpp: float) -> floa
     magnitudes = []
     for scale in (s1, s2):
         smooth = cv2.GaussianBlur(od_sum, (0, 0), scale)
-        gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3) / 8.0
-        gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+        gx = cv2.Sobel(smooth, cv2.CV_32F, 1, 0, ksize=3, scale=1.0 / 8.0)
+        gy = cv2.Sobel(smooth, cv2.CV_32F, 0, 1, ksize=3, scale=1.0 / 8.0)
         magnitudes.append(np.hypot(gx, gy)[cell])
     # The cell's sharpest edges, compared at the same pixels: an edge's centre does not move when it
     # is smoothed symmetrically.
-    strongest = magnitudes[0] >= np.percentile(magnitudes[0], 95)
+    strongest = magnitudes[0] >= _percentile(magnitudes[0], 95.0)
     peaks = [float(m[strongest].mean()) for m in magnitudes]
     if peaks[1] <= 0:
         return math.nan
@@ -194,6 +194,18 @@ def _edge_blur_um(od_sum: np.ndarray, component: np.ndarray, mpp: float) -> floa
         return _MAX_BLUR_UM
     sigma2 = (s2**2 - r2 * s1**2) / (r2 - 1.0)
     return min(math.sqrt(max(sigma2, 0.0)) * mpp, _MAX_BLUR_UM)
+
+
+def _percentile(values: np.ndarray, q: float) -> float:
+    """``np.percentile(values, q)`` (linear interpolation) by partial sorting: ~8x faster on a cell."""
+    n = values.size
+    k = (n - 1) * q / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, n - 1)
+    part = np.partition(values, (lo, hi))
+    a, b, t = part[lo], part[hi], k - lo
+    # numpy's own lerp, so the result is the same to the last bit
+    return b - (b - a) * (1.0 - t) if t >= 0.5 else a + (b - a) * t
 
 
 def search_window_half_um(params: CropParams) -> float:

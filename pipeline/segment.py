@@ -449,20 +449,32 @@ def stain_feature(
         if interleaved:
             return cv2.max(cv2.transform(od, w[None]), 0.0)
         return np.maximum(od.reshape(-1, 3) @ w, 0.0).astype(np.float32).reshape(od.shape[:-1])
+    u, v = _residual_basis(tuple(float(c) for c in direction))
+    if interleaved:
+        a = cv2.transform(od, u[None])
+        b = cv2.transform(od, v[None])
+        return cv2.magnitude(a, b, a)
+    flat = od.reshape(-1, 3)
+    a = (flat @ u).astype(np.float32)
+    b = (flat @ v).astype(np.float32)
+    return np.hypot(a, b).reshape(od.shape[:-1])
+
+
+@lru_cache(maxsize=64)
+def _residual_basis(direction: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Two unit vectors orthogonal to ``direction`` and to each other (float32): the residual's plane.
+
+    Cached: relocation asks for the slide's same direction once per cell, and ``np.cross`` costs as
+    much as the pixel work on a cell's window.
+    """
     e = _unit(direction)
-    # Two unit vectors orthogonal to e and to each other: the residual's coordinates in that plane.
     helper = np.eye(3)[int(np.argmin(np.abs(e)))]
     u = np.cross(e, helper)
     u /= np.linalg.norm(u)
     v = np.cross(e, u)
-    if interleaved:
-        a = cv2.transform(od, u[None].astype(np.float32))
-        b = cv2.transform(od, v[None].astype(np.float32))
-        return cv2.magnitude(a, b, a)
-    flat = od.reshape(-1, 3)
-    a = (flat @ u.astype(np.float32)).astype(np.float32)
-    b = (flat @ v.astype(np.float32)).astype(np.float32)
-    return np.hypot(a, b).reshape(od.shape[:-1])
+    u32, v32 = u.astype(np.float32), v.astype(np.float32)
+    u32.flags.writeable = v32.flags.writeable = False  # shared between callers
+    return u32, v32
 
 
 def _orthogonal(vector: Sequence[float], direction: Sequence[float]) -> np.ndarray:

@@ -78,11 +78,14 @@ def _remap_tile(
     """Bilinear samples for output ``rows`` x ``cols``; ``image`` starts at the first sampled pixel."""
     assert plan_x.frac is not None and plan_y.frac is not None
     x_first, y_first = plan_x.first[cols], plan_y.first[rows]
+    # Built in their final small types: int64 temporaries of the full map cost as much as the remap.
     map_xy = np.empty((len(y_first), len(x_first), 2), dtype=np.int16)
-    map_xy[..., 0] = (x_first - x_first[0])[None, :]
-    map_xy[..., 1] = (y_first - y_first[0])[:, None]
+    map_xy[..., 0] = (x_first - x_first[0]).astype(np.int16)
+    map_xy[..., 1] = (y_first - y_first[0]).astype(np.int16)[:, None]
     # OpenCV's fixed-point map: interpolation table index (y_frac << 5) + x_frac, in 1/32 px.
-    map_frac = (plan_y.frac[rows, None] * _POSITION_STEPS_PER_PX + plan_x.frac[None, cols]).astype(np.uint16)
+    map_frac = np.add.outer(
+        (plan_y.frac[rows] * _POSITION_STEPS_PER_PX).astype(np.uint16), plan_x.frac[cols].astype(np.uint16)
+    )
     return cv2.remap(image, map_xy, map_frac, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
 
 
