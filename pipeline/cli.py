@@ -148,7 +148,7 @@ def _add_run(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-area-um2", type=float, default=800.0, help="largest object kept, um^2 (default 800)"
     )
-    p.add_argument("--tile-px", type=int, default=1024, help="overview tile side in px (default 1024)")
+    p.add_argument("--tile-px", type=int, default=None, help="overview tile side in px (default 2048)")
     p.add_argument("--overwrite", action="store_true", help="redo slides whose gallery is already complete")
     p.add_argument(
         "--scheduler",
@@ -202,7 +202,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     base = RunParams()
     params = replace(
         base,
-        tile_px=args.tile_px,
+        tile_px=base.tile_px if args.tile_px is None else args.tile_px,
         crop=CropParams(crop_um=crop_um, crop_px=crop_px),
         segment=replace(base.segment, min_area_um2=args.min_area_um2, max_area_um2=args.max_area_um2),
     )

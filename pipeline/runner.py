@@ -106,7 +106,10 @@ class RunParams:
     """
 
     overview_mpp: float = OVERVIEW_MPP
-    tile_px: int = 1024
+    # The halo (~100 px at 1 um/px) is re-read and re-segmented by both neighbours: at 1024 px a tile
+    # does 1.44x its core's work, at 2048 px 1.21x (detection CPU -23 % on a 268 mm^2 slide, +120 MB
+    # peak per worker).
+    tile_px: int = 2048
     segment: SegmentParams = field(default_factory=SegmentParams)
     quality: QualityParams = field(default_factory=QualityParams)
     crop: CropParams = field(default_factory=CropParams)
