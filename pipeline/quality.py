@@ -135,11 +135,22 @@ def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> n
     e = np.asarray(red_cell_direction, dtype=np.float64)
     e = e / np.linalg.norm(e) / max(float(red_cell_od), 1e-6)
     layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
-    # numpy, not cv2.max: OpenCV reads a scalar as four values on images of four pixels or fewer
-    np.maximum(layers, 0.0, out=layers)
-    # Channel by channel: numpy's reduction over a last axis of three is ~6x slower on a whole tile.
-    darkest = np.minimum(np.minimum(od[..., 0], od[..., 1]), od[..., 2])
-    layers[darkest >= NON_TISSUE_MIN_OD] = np.nan
+    if layers.size > 4:
+        cv2.max(layers, 0.0, dst=layers)
+    else:  # OpenCV reads a scalar as four values on images of four pixels or fewer
+        np.maximum(layers, 0.0, out=layers)
+    # Non-tissue pixels are rare: find the few that can be, then test them exactly. Where every channel
+    # reaches NON_TISSUE_MIN_OD, so does the projection on a direction of non-negative components (times
+    # their sum; 1e-3 of slack covers float32 rounding): a one-channel test on the layers just computed,
+    # instead of a minimum over three strided channels of the whole tile (~6 ms of 8).
+    if (e >= 0).all():
+        bound = np.float32(NON_TISSUE_MIN_OD * float(e.sum()) * (1 - 1e-3))
+        maybe = np.flatnonzero((layers >= bound).ravel())
+    else:
+        maybe = np.arange(layers.size)
+    if len(maybe):
+        darkest = od.reshape(-1, 3)[maybe].min(axis=1)
+        layers.reshape(-1)[maybe[darkest >= NON_TISSUE_MIN_OD]] = np.nan
     return layers
 
 
@@ -211,26 +222,43 @@ def ring_features(
     h, w = layers.shape
     n = len(x_px)
     coverage, mean_layers, stacked = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    for k, (x, y, r) in enumerate(zip(x_px, y_px, radius_px, strict=True)):
-        inner = r + params.ring_gap_um / mpp
-        outer = inner + params.ring_width_um / mpp
+    if n == 0:
+        return pd.DataFrame({"coverage": coverage, "layers": mean_layers, "stacked": stacked})
+    layers = np.ascontiguousarray(layers, dtype=np.float32)
+    # What each pixel counts towards, once for the tile (a few one-channel passes), so that each object
+    # needs one gather of its ring: on a tile with hundreds of objects the per-object calls, not the
+    # pixels, are what costs. Bit 1: stain or another object (coverage); bit 2: red cells that say how
+    # thick the smear is (no object, not black); bit 4: of those, stacked.
+    occupied = np.ascontiguousarray(labels) > 0
+    state = (layers > np.float32(params.stained_factor)) | occupied
+    state = state.view(np.uint8)
+    usable = ~occupied & ~np.isnan(layers)
+    state |= usable.view(np.uint8) << 1
+    state |= (usable & (layers > np.float32(params.stacked_factor))).view(np.uint8) << 2
+    # Pixel centres (i + 0.5), once for the tile.
+    rows, cols = np.arange(h) + 0.5, np.arange(w) + 0.5
+    gap_px, width_px = params.ring_gap_um / mpp, params.ring_width_um / mpp
+    for k, (x, y, r) in enumerate(zip(x_px.tolist(), y_px.tolist(), radius_px.tolist(), strict=True)):
+        inner = r + gap_px
+        outer = inner + width_px
         y0, y1 = max(0, math.floor(y - outer)), min(h, math.ceil(y + outer) + 1)
         x0, x1 = max(0, math.floor(x - outer)), min(w, math.ceil(x + outer) + 1)
         if y0 >= y1 or x0 >= x1:
             continue
-        yy, xx = np.ogrid[y0:y1, x0:x1]
-        d2 = (yy + 0.5 - y) ** 2 + (xx + 0.5 - x) ** 2
+        dy, dx = rows[y0:y1] - y, cols[x0:x1] - x
+        d2 = np.add.outer(dy * dy, dx * dx)
         ring = (d2 >= inner**2) & (d2 < outer**2)
-        if not ring.any():
+        codes = state[y0:y1, x0:x1][ring]
+        if not codes.size:
             continue
-        window = layers[y0:y1, x0:x1][ring]
-        other = labels[y0:y1, x0:x1][ring] > 0
-        coverage[k] = float(np.mean((window > params.stained_factor) | other))
-        free = window[~other]
-        free = free[~np.isnan(free)]  # black areas are not the smear
-        if free.size:
-            mean_layers[k] = float(free.mean())
-            stacked[k] = float(np.mean(free > params.stacked_factor))
+        count = np.bincount(codes, minlength=8).tolist()
+        coverage[k] = sum(count[1::2]) / codes.size
+        n_free = count[2] + count[3] + count[6] + count[7]
+        if n_free:
+            free = layers[y0:y1, x0:x1][ring][(codes & 2) > 0]  # row-major, as a boolean mask gives
+            # ndarray.mean's own arithmetic: float32 (pairwise) sum, divided in float64, back to float32
+            mean_layers[k] = float(np.float32(float(np.add.reduce(free)) / n_free))
+            stacked[k] = (count[6] + count[7]) / n_free
     return pd.DataFrame({"coverage": coverage, "layers": mean_layers, "stacked": stacked})
 
 
