@@ -32,6 +32,8 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import __version__
+from ._memory import retain_freed_memory
+from ._tile_maps import tile_maps
 from .engine import compute_client, ordered_map, worker_count
 from .errors import GalleryError, ParameterError, SlideError, is_interrupt, raise_if_interrupted
 from .gallery import (
@@ -62,7 +64,6 @@ from .segment import (
     SegmentParams,
     SlideStains,
     estimate_slide_stains,
-    optical_density,
     required_halo_um,
     sample_optical_density,
     segment,
@@ -324,12 +325,15 @@ def _red_cell_unit(stains: SlideStains) -> float:
 # -------------------------------------------------------------------------------------- detection
 def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
     """Candidates whose centroid lies in one overview tile's core, with neighbourhood features."""
+    retain_freed_memory()  # reuse one tile's pages for the next (pipeline/_memory.py: ~1/3 of the time)
     x0, y0, w, h = tile
     halo = plan.halo_px
     rgb = _read_overview(plan, x0 - halo, y0 - halo, w + 2 * halo, h + 2 * halo)
     params = plan.params
-    od = optical_density(rgb, plan.overview_mpp, params.segment, estimate.stains)
-    labels, objects = segment(rgb, plan.overview_mpp, estimate.stains, params.segment, od=od)
+    maps = tile_maps(rgb, plan.overview_mpp, params.segment, estimate.stains, _red_cell_unit(estimate.stains))
+    labels, objects = segment(
+        rgb, plan.overview_mpp, estimate.stains, params.segment, feature=maps.feature, white=maps.white
+    )
     if objects.empty:
         return _empty_candidates()
     # Continuous coordinates of the centroids in the tile (with halo): pixel i spans [i, i+1).
@@ -340,9 +344,8 @@ def _detect_tile(tile: tuple[int, int, int, int], plan: Plan, estimate: SlideEst
     cx, cy = cx[core], cy[core]
     if objects.empty:
         return _empty_candidates()
-    layers = red_cell_layers(od, estimate.stains.red_cell_direction, _red_cell_unit(estimate.stains))
     radius_px = np.sqrt(objects["area_um2"].to_numpy(float) / math.pi) / plan.overview_mpp
-    ring = ring_features(layers, labels, cx, cy, radius_px, plan.overview_mpp, params.quality)
+    ring = ring_features(maps.layers, labels, cx, cy, radius_px, plan.overview_mpp, params.quality)
     # Objects reaching the edge of the scanned image are cut: part of the cell lies outside it. One
     # pixel of slack: a native level can be a pixel smaller than the size planned from level 0.
     width, height = plan.overview_size
