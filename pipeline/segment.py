@@ -378,8 +378,11 @@ def local_white(
     rgb = _check_rgb(rgb)
     smooth = cv2.blur(rgb, (3, 3), borderType=cv2.BORDER_REPLICATE)
     r = _pixels(mpp, params.white_radius_um)
-    kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
-    white = cv2.dilate(smooth, kernel, borderType=cv2.BORDER_REPLICATE)
+    if smooth.shape[0] * smooth.shape[1] >= 16:
+        white = _box_max(smooth, r)
+    else:  # OpenCV would read the small arrays of _box_max as scalars
+        kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
+        white = cv2.dilate(smooth, kernel, borderType=cv2.BORDER_REPLICATE)
     if slide_white is not None:
         slide = np.asarray(slide_white, np.float64)
         floor = np.clip(np.round(params.white_floor * slide), 1, 255)
@@ -387,6 +390,32 @@ def local_white(
         ceiling = np.clip(np.ceil(slide) + 2, 1, 255)
         cv2.min(white, (*(float(v) for v in ceiling), 255.0), dst=white)
     return white
+
+
+def _box_max(image: np.ndarray, r: int) -> np.ndarray:
+    """Maximum over the (2r+1)^2 square around each pixel, the image's edge replicated outwards.
+
+    ``cv2.dilate`` with a square, in maxima of shifted views whose window doubles each time (6 + 6
+    passes for r = 25 instead of 51 + 51 comparisons a pixel): ~30 % less time on a tile, the same
+    values (a maximum is exact).
+    """
+    padded = cv2.copyMakeBorder(image, r, r, r, r, cv2.BORDER_REPLICATE)
+    return _run_max(_run_max(padded, 2 * r + 1, axis=1), 2 * r + 1, axis=0)
+
+
+def _run_max(a: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Maxima of ``n`` consecutive elements along ``axis`` (the windows that fit: n - 1 fewer)."""
+
+    def shifted_max(cur: np.ndarray, d: int) -> np.ndarray:
+        if axis == 1:
+            return cv2.max(cur[:, :-d], cur[:, d:])
+        return cv2.max(cur[:-d], cur[d:])
+
+    span = 1
+    while 2 * span <= n:  # windows of span, 2 span, 4 span, ...
+        a = shifted_max(a, span)
+        span *= 2
+    return shifted_max(a, n - span) if n > span else a  # two overlapping windows cover n
 
 
 def optical_density(
@@ -1037,32 +1066,32 @@ def _measure(
         & (area_um2 <= params.max_area_um2)
         & (extent_um <= params.max_extent_um)
     )
-    table = pd.DataFrame(
-        {
-            "x_px": x0 + mx + 0.5,
-            "y_px": y0 + my + 0.5,
-            "area_um2": area_um2,
-            "extent_um": extent_um.astype(np.float64),
-            "y0": y0.astype(np.int64),
-            "x0": x0.astype(np.int64),
-            "y1": y1.astype(np.int64),
-            "x1": x1.astype(np.int64),
-            "core_area_um2": core_um2,
-            "nucleus_fraction": core_px / npx,
-            "n_lobes": _lobes(k, c.core_labels.ravel()[idx], m),
-            "stain_mean": total(stain.astype(np.float64)) / npx,
-            "stain_max": extreme(np.maximum, stain, 0.0).astype(np.float64),
-            "od_mean": total(grey.astype(np.float64)) / npx,
-            "od_max": extreme(np.maximum, grey, 0.0).astype(np.float64),
-            "eccentricity": eccentricity,
-        },
-        columns=list(COLUMNS),
-    )[keep]
-    # Table order by centroid, so that it does not depend on the labelling order of the tile.
-    order = np.lexsort((table["x_px"].to_numpy(), table["y_px"].to_numpy()))
-    table = table.iloc[order].reset_index(drop=True)
+    columns = {
+        "x_px": x0 + mx + 0.5,
+        "y_px": y0 + my + 0.5,
+        "area_um2": area_um2,
+        "extent_um": extent_um.astype(np.float64),
+        "y0": y0.astype(np.int64),
+        "x0": x0.astype(np.int64),
+        "y1": y1.astype(np.int64),
+        "x1": x1.astype(np.int64),
+        "core_area_um2": core_um2,
+        "nucleus_fraction": core_px / npx,
+        "n_lobes": _lobes(k, c.core_labels.ravel()[idx], m),
+        "stain_mean": total(stain.astype(np.float64)) / npx,
+        "stain_max": extreme(np.maximum, stain, 0.0).astype(np.float64),
+        "od_mean": total(grey.astype(np.float64)) / npx,
+        "od_max": extreme(np.maximum, grey, 0.0).astype(np.float64),
+        "eccentricity": eccentricity,
+    }
+    # Table order by centroid, so that it does not depend on the labelling order of the tile. Rows are
+    # chosen on the arrays and the table built once: pandas' boolean and positional indexing of a
+    # frame cost more than all of this arithmetic.
+    kept = np.flatnonzero(keep)
+    rows = kept[np.lexsort((columns["x_px"][kept], columns["y_px"][kept]))]
+    table = pd.DataFrame({name: columns[name][rows] for name in COLUMNS}, columns=list(COLUMNS))
     number = np.zeros(m, dtype=np.int32)
-    number[np.flatnonzero(keep)[order]] = np.arange(1, len(order) + 1, dtype=np.int32)
+    number[rows] = np.arange(1, len(rows) + 1, dtype=np.int32)
     out[idx] = number[k]
     return out.reshape(h, w), table
 

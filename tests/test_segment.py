@@ -612,6 +612,18 @@ def test_tile_maps_of_thin_images(shape, one_opencv_thread):
     np.testing.assert_array_equal(maps.layers, red_cell_layers(od, stains.red_cell_direction, 0.2))
 
 
+@pytest.mark.parametrize("shape", [(1, 20), (2, 9), (5, 4), (40, 3), (57, 131), (300, 260)])
+@pytest.mark.parametrize("mpp", [1.0, 3.0])
+def test_local_white_equals_a_dilation_with_the_replicated_edge(shape, mpp):
+    rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    params = SegmentParams()
+    r = math.ceil(params.white_radius_um / mpp - 1e-9)
+    smooth = cv2.blur(rgb, (3, 3), borderType=cv2.BORDER_REPLICATE)
+    square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
+    want = cv2.dilate(smooth, square, borderType=cv2.BORDER_REPLICATE)
+    np.testing.assert_array_equal(local_white(rgb, mpp, params), want)
+
+
 def test_memory_retention_is_set_once_and_harmless():
     from pipeline._memory import retain_freed_memory
 
