@@ -167,7 +167,7 @@ def _reference_ring(layers, labels, x_px, y_px, radius_px, mpp, params):
     return out
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(12))
 def test_layers_and_ring_features_equal_the_straightforward_versions_bit_for_bit(seed):
     rng = np.random.default_rng(seed)
     h, w = 90, 120
@@ -182,11 +182,14 @@ def test_layers_and_ring_features_equal_the_straightforward_versions_bit_for_bit
     labels = np.zeros((h, w), np.int32)
     for i, (cy, cx) in enumerate(rng.uniform([-5, -5], [h + 5, w + 5], (30, 2))):
         labels[_disc((h, w), cx, cy, rng.uniform(2, 9))] = i + 1
-    n = 40
+    n = 60
     x, y = rng.uniform(-20, w + 20, n), rng.uniform(-20, h + 20, n)
+    x[:10], y[:10] = np.round(x[:10] * 2) / 2, np.round(y[:10] * 2) / 2  # on pixel edges and centres
     radius = rng.uniform(0.0, 15.0, n)
-    params = QualityParams(ring_gap_um=1.3, ring_width_um=float(rng.uniform(3, 14)))
-    got = ring_features(layers, labels, x, y, radius, 0.8, params)
-    want = _reference_ring(layers, labels, x, y, radius, 0.8, params)
+    radius[:5] = [0.0, 0.5, 1.0, 2.5, 7.0]
+    mpp = [0.8, 1.0, 0.5, 2.0][seed % 4]
+    params = QualityParams(ring_gap_um=float(rng.uniform(0.3, 3)), ring_width_um=float(rng.uniform(0.4, 14)))
+    got = ring_features(layers, labels, x, y, radius, mpp, params)
+    want = _reference_ring(layers, labels, x, y, radius, mpp, params)
     np.testing.assert_array_equal(got[["coverage", "layers", "stacked"]].to_numpy(), want)
     assert np.isfinite(want).any() and np.isnan(want).any()
