@@ -81,6 +81,12 @@ def tile_maps(
         del bounds[-2]
     for a, b in pairwise(bounds):
         od = od_against(rgb[a:b], white[a:b])
-        feature[a:b] = stain_feature(od, stains.red_cell_direction, stains.nucleus_direction)
-        layers[a:b] = red_cell_layers(od, stains.red_cell_direction, red_cell_od)
+        if stains.nucleus_direction is not None and od.size > 12:  # written in place (OpenCV: > 4 px)
+            stain_feature(od, stains.red_cell_direction, stains.nucleus_direction, out=feature[a:b])
+        else:
+            feature[a:b] = stain_feature(od, stains.red_cell_direction, stains.nucleus_direction)
+        if od.size > 12:
+            red_cell_layers(od, stains.red_cell_direction, red_cell_od, out=layers[a:b])
+        else:
+            layers[a:b] = red_cell_layers(od, stains.red_cell_direction, red_cell_od)
     return TileMaps(white, feature, layers)

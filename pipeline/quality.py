@@ -116,7 +116,9 @@ class QualityParams:
         return asdict(self)
 
 
-def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> np.ndarray:
+def red_cell_layers(
+    od: np.ndarray, red_cell_direction, red_cell_od: float, out: np.ndarray | None = None
+) -> np.ndarray:
     """Optical density along the slide's red-cell direction, in single red cells ``(h, w)`` float32.
 
     Pixels dark in every channel (black or unscanned areas, field stops: not tissue, see
@@ -130,11 +132,16 @@ def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> n
         The slide's red-cell OD direction (any length).
     red_cell_od
         A single red cell's typical OD along it.
+    out
+        A C-contiguous float32 array ``(h, w)`` to write the result into (a part of a larger image).
     """
     od = np.ascontiguousarray(od, dtype=np.float32)
     e = np.asarray(red_cell_direction, dtype=np.float64)
     e = e / np.linalg.norm(e) / max(float(red_cell_od), 1e-6)
-    layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
+    if out is None:
+        layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
+    else:
+        layers = _into(cv2.transform(od, e.astype(np.float32)[None], dst=out), out)
     if layers.size > 4:
         cv2.max(layers, 0.0, dst=layers)
     else:  # OpenCV reads a scalar as four values on images of four pixels or fewer
@@ -152,6 +159,13 @@ def red_cell_layers(od: np.ndarray, red_cell_direction, red_cell_od: float) -> n
         darkest = od.reshape(-1, 3)[maybe].min(axis=1)
         layers.reshape(-1)[maybe[darkest >= NON_TISSUE_MIN_OD]] = np.nan
     return layers
+
+
+def _into(result: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out``, checked to be where OpenCV wrote ``result`` (it allocates anew when ``dst`` does not fit)."""
+    if result is not out and not np.shares_memory(result, out):
+        raise ValueError("out must be a C-contiguous float32 array of the result's shape")
+    return out
 
 
 def slide_density(layers: list[np.ndarray], mpp: float, params: QualityParams) -> float:

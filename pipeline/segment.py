@@ -450,7 +450,10 @@ def _unit(direction: Sequence[float]) -> np.ndarray:
 
 
 def stain_feature(
-    od: np.ndarray, direction: Sequence[float], nucleus_direction: Sequence[float] | None = None
+    od: np.ndarray,
+    direction: Sequence[float],
+    nucleus_direction: Sequence[float] | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """The white-cell stain in OD: what is left of the OD vector once red cells are removed.
 
@@ -466,6 +469,9 @@ def stain_feature(
         nuclei, granules and platelets are purple and count; residues of other hues, such as the colour
         shift where stacked red cells meet (the camera averages intensity, not OD), do not. Without it,
         the length of the whole residual.
+    out
+        A C-contiguous float32 array of the result's shape to write it into (a part of a larger
+        image); only with ``nucleus_direction`` and an ``(h, w, 3)`` OD.
 
     Returns
     -------
@@ -476,9 +482,16 @@ def stain_feature(
     interleaved = od.ndim == 3 and od.shape[2] == 3
     if nucleus_direction is not None:
         w = _unit(nucleus_direction).astype(np.float32)
+        if interleaved and out is not None:
+            feature = cv2.transform(od, w[None], dst=out)
+            if feature is not out and not np.shares_memory(feature, out):
+                raise ParameterError("out must be a C-contiguous float32 array of the result's shape")
+            return cv2.max(out, 0.0, dst=out)
         if interleaved:
             return cv2.max(cv2.transform(od, w[None]), 0.0)
         return np.maximum(od.reshape(-1, 3) @ w, 0.0).astype(np.float32).reshape(od.shape[:-1])
+    if out is not None:
+        raise ParameterError("stain_feature writes into out only along a nuclear direction")
     u, v = _residual_basis(tuple(float(c) for c in direction))
     if interleaved:
         a = cv2.transform(od, u[None])
