@@ -239,19 +239,15 @@ def ring_features(
     if n == 0:
         return pd.DataFrame({"coverage": coverage, "layers": mean_layers, "stacked": stacked})
     layers = np.ascontiguousarray(layers, dtype=np.float32)
-    # What each pixel counts towards, once for the tile (a few one-channel passes), so that each object
-    # needs one gather of its ring: on a tile with hundreds of objects the per-object calls, not the
-    # pixels, are what costs. Bit 1: stain or another object (coverage); bit 2: red cells that say how
-    # thick the smear is (no object, not black); bit 4: of those, stacked.
-    occupied = np.ascontiguousarray(labels) > 0
-    state = (layers > np.float32(params.stained_factor)) | occupied
-    state = state.view(np.uint8)
-    usable = ~occupied & ~np.isnan(layers)
-    state |= usable.view(np.uint8) << 1
-    state |= (usable & (layers > np.float32(params.stacked_factor))).view(np.uint8) << 2
+    labels = np.ascontiguousarray(labels)
+    gap_px, width_px = params.ring_gap_um / mpp, params.ring_width_um / mpp
+    # What each pixel counts towards (see _ring_state), for the whole tile at once where the objects'
+    # boxes cover more than half of it (hundreds of objects: one gather each, not six passes), else
+    # box by box (a sparse tile: the six passes over the tile would cost more than the boxes).
+    side = 2 * (np.asarray(radius_px, np.float64) + gap_px + width_px) + 2
+    state = _ring_state(layers, labels, params) if float(np.sum(side * side)) > h * w / 2 else None
     # Pixel centres (i + 0.5), once for the tile.
     rows, cols = np.arange(h) + 0.5, np.arange(w) + 0.5
-    gap_px, width_px = params.ring_gap_um / mpp, params.ring_width_um / mpp
     for k, (x, y, r) in enumerate(zip(x_px.tolist(), y_px.tolist(), radius_px.tolist(), strict=True)):
         inner = r + gap_px
         outer = inner + width_px
@@ -262,7 +258,10 @@ def ring_features(
         dy, dx = rows[y0:y1] - y, cols[x0:x1] - x
         d2 = np.add.outer(dy * dy, dx * dx)
         ring = (d2 >= inner**2) & (d2 < outer**2)
-        codes = state[y0:y1, x0:x1][ring]
+        box = state[y0:y1, x0:x1] if state is not None else None
+        if box is None:
+            box = _ring_state(layers[y0:y1, x0:x1], labels[y0:y1, x0:x1], params)
+        codes = box[ring]
         if not codes.size:
             continue
         count = np.bincount(codes, minlength=8).tolist()
@@ -274,6 +273,17 @@ def ring_features(
             mean_layers[k] = float(np.float32(float(np.add.reduce(free)) / n_free))
             stacked[k] = (count[6] + count[7]) / n_free
     return pd.DataFrame({"coverage": coverage, "layers": mean_layers, "stacked": stacked})
+
+
+def _ring_state(layers: np.ndarray, labels: np.ndarray, params: QualityParams) -> np.ndarray:
+    """What each pixel counts towards in a ring, uint8 bits: 1 stain or another object (coverage);
+    2 red cells that say how thick the smear is (no object, not black); 4 of those, stacked."""
+    occupied = labels > 0
+    state = ((layers > np.float32(params.stained_factor)) | occupied).view(np.uint8)
+    usable = ~occupied & ~np.isnan(layers)
+    state |= usable.view(np.uint8) << 1
+    state |= (usable & (layers > np.float32(params.stacked_factor))).view(np.uint8) << 2
+    return state
 
 
 def neighbour_gaps_um(

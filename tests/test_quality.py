@@ -193,3 +193,11 @@ def test_layers_and_ring_features_equal_the_straightforward_versions_bit_for_bit
     want = _reference_ring(layers, labels, x, y, radius, mpp, params)
     np.testing.assert_array_equal(got[["coverage", "layers", "stacked"]].to_numpy(), want)
     assert np.isfinite(want).any() and np.isnan(want).any()
+    # a few objects on a large tile: their boxes are measured one by one
+    big_layers = np.zeros((700, 700), np.float32)
+    big_labels = np.zeros((700, 700), np.int32)
+    big_layers[300 : 300 + h, 250 : 250 + w], big_labels[300 : 300 + h, 250 : 250 + w] = layers, labels
+    some = slice(0, 8)
+    got = ring_features(big_layers, big_labels, x[some] + 250, y[some] + 300, radius[some], mpp, params)
+    want = _reference_ring(big_layers, big_labels, x[some] + 250, y[some] + 300, radius[some], mpp, params)
+    np.testing.assert_array_equal(got[["coverage", "layers", "stacked"]].to_numpy(), want)
