@@ -1010,17 +1010,15 @@ def _merge_wide_necks(
     region's diameter (twice its peak distance); relabel 1..k."""
     radius = {k + 1: float(dist[y, x]) for k, (y, x) in enumerate(peaks)}
     # Border pixels between regions a and b: 4-neighbours with different non-zero labels.
-    necks: dict[tuple[int, int], int] = {}
+    pairs = []
     for a, b in ((parts[:, :-1], parts[:, 1:]), (parts[:-1, :], parts[1:, :])):
         diff = (a != b) & (a > 0) & (b > 0)
-        for u, v in zip(a[diff], b[diff], strict=True):
-            key = (int(min(u, v)), int(max(u, v)))
-            necks[key] = necks.get(key, 0) + 1
-    wide = (
-        (a - 1, b - 1)
-        for (a, b), length in sorted(necks.items())
-        if length >= neck_ratio * 2 * min(radius[a], radius[b])
-    )
+        u, v = a[diff].astype(np.int64), b[diff].astype(np.int64)
+        pairs.append(np.minimum(u, v) << 32 | np.maximum(u, v))
+    # Border length per pair of regions, pairs in increasing order (the order unions are made in).
+    keys, lengths = np.unique(np.concatenate(pairs), return_counts=True)
+    necks = zip((keys >> 32).tolist(), (keys & 0xFFFFFFFF).tolist(), lengths.tolist(), strict=True)
+    wide = ((a - 1, b - 1) for a, b, length in necks if length >= neck_ratio * 2 * min(radius[a], radius[b]))
     group = _groups(len(radius), wide)
     relabel = np.zeros(int(parts.max()) + 1, np.int32)
     relabel[1 : len(radius) + 1] = group + 1
