@@ -20,6 +20,7 @@ Usage (from the repository root)::
     python -m benchmarks.bench_detect_tile                          # monolayer and bccd
     python -m benchmarks.bench_detect_tile --slide big.svs --tiles 64
     python -m benchmarks.bench_detect_tile --profile                # where the time goes
+    python -m benchmarks.bench_detect_tile --tile-px 2048           # less halo per tile
     python -m benchmarks.bench_detect_tile --dump new.pkl --tiles 0 # every tile, for --compare
     python -m benchmarks.bench_detect_tile --compare old.pkl new.pkl
 """
@@ -84,10 +85,12 @@ def bccd_slide(folder: Path, size_px: int = 4096) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ tiles
-def prepare(path: Path, n_tiles: int) -> tuple[runner.Plan, runner.SlideEstimate, dict[Tile, np.ndarray]]:
+def prepare(
+    path: Path, n_tiles: int, tile_px: int = 1024
+) -> tuple[runner.Plan, runner.SlideEstimate, dict[Tile, np.ndarray]]:
     """Plan and estimate the slide as a run does; read up to ``n_tiles`` non-blank tiles (0: all),
     spread evenly over the slide, with their halo."""
-    params = runner.RunParams()
+    params = runner.RunParams(tile_px=tile_px)
     plan = runner.plan_slide(SlideRef(str(path)), params)
     tiles = runner.overview_tiles(plan)
     stains = runner.stain_map(plan)
@@ -135,16 +138,16 @@ def time_detection(
 
 
 def profile_detection(
-    plan: runner.Plan, estimate: runner.SlideEstimate, pixels: dict[Tile, np.ndarray]
+    plan: runner.Plan, estimate: runner.SlideEstimate, pixels: dict[Tile, np.ndarray], sort: str = "tottime"
 ) -> None:
-    """Print the functions taking the most time over one pass (cProfile, own time)."""
+    """Print the functions taking the most CPU time over one pass (cProfile, sorted by ``sort``)."""
     profiler = cProfile.Profile(time.process_time)
     with _preread(pixels):
         profiler.enable()
         for tile in pixels:
             runner._detect_tile(tile, plan, estimate)
         profiler.disable()
-    pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+    pstats.Stats(profiler, stream=sys.stdout).sort_stats(sort).print_stats(30)
 
 
 # --------------------------------------------------------------------------------- equivalence
@@ -201,7 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the built slides go")
     parser.add_argument("--tiles", type=int, default=32, help="tiles per slide, spread evenly (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--tile-px", type=int, default=1024, help="overview tile side (the run's --tile-px)")
     parser.add_argument("--profile", action="store_true", help="profile one pass instead of timing")
+    parser.add_argument("--sort", default="tottime", help="profile order (tottime, cumulative, ...)")
     parser.add_argument("--dump", type=Path, default=None, help="write candidate tables for --compare")
     parser.add_argument("--compare", type=Path, nargs=2, default=None, help="compare two dumps")
     args = parser.parse_args(argv)
@@ -215,19 +220,20 @@ def main(argv: list[str] | None = None) -> None:
     slides = args.slide or [monolayer_slide(args.folder), bccd_slide(args.folder)]
     dumped = {}
     for path in slides:
-        plan, estimate, pixels = prepare(path, args.tiles)
+        plan, estimate, pixels = prepare(path, args.tiles, args.tile_px)
         if args.dump:
             dumped[path.name] = dump(plan, estimate, pixels)
             print(f"{path.name}: {len(pixels)} tiles dumped", flush=True)
             continue
         if args.profile:
-            profile_detection(plan, estimate, pixels)
+            profile_detection(plan, estimate, pixels, args.sort)
             continue
         seconds, found = time_detection(plan, estimate, pixels, args.repeats)
         core = sum(w * h for _, _, w, h in pixels)
         processed = sum(p.shape[0] * p.shape[1] for p in pixels.values())
         print(
-            f"{path.name}: {len(pixels)} tiles at {plan.overview_mpp:g} um/px (halo {plan.halo_px} px), "
+            f"{path.name}: {len(pixels)} tiles of {args.tile_px} px at {plan.overview_mpp:g} um/px "
+            f"(halo {plan.halo_px} px), "
             f"{found} candidates: {seconds:.3f} s CPU = {core / seconds / 1e6:.1f} Mpx/s of slide "
             f"({processed / seconds / 1e6:.1f} Mpx/s with the halo), "
             f"{1e3 * seconds / len(pixels):.1f} ms a tile",
