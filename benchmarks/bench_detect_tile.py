@@ -20,7 +20,7 @@ Usage (from the repository root)::
     python -m benchmarks.bench_detect_tile                          # monolayer and bccd
     python -m benchmarks.bench_detect_tile --slide big.svs --tiles 64
     python -m benchmarks.bench_detect_tile --profile                # where the time goes
-    python -m benchmarks.bench_detect_tile --tile-px 2048           # less halo per tile
+    python -m benchmarks.bench_detect_tile --tile-px 1024           # more halo per tile
     python -m benchmarks.bench_detect_tile --dump new.pkl --tiles 0 # every tile, for --compare
     python -m benchmarks.bench_detect_tile --compare old.pkl new.pkl
 """
@@ -86,11 +86,11 @@ def bccd_slide(folder: Path, size_px: int = 4096) -> Path:
 
 # ------------------------------------------------------------------------------------------ tiles
 def prepare(
-    path: Path, n_tiles: int, tile_px: int = 1024
+    path: Path, n_tiles: int, tile_px: int | None = None
 ) -> tuple[runner.Plan, runner.SlideEstimate, dict[Tile, np.ndarray]]:
     """Plan and estimate the slide as a run does; read up to ``n_tiles`` non-blank tiles (0: all),
     spread evenly over the slide, with their halo."""
-    params = runner.RunParams(tile_px=tile_px)
+    params = runner.RunParams() if tile_px is None else runner.RunParams(tile_px=tile_px)
     plan = runner.plan_slide(SlideRef(str(path)), params)
     tiles = runner.overview_tiles(plan)
     stains = runner.stain_map(plan)
@@ -204,9 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", type=Path, default=DEFAULT_FOLDER, help="where the built slides go")
     parser.add_argument("--tiles", type=int, default=32, help="tiles per slide, spread evenly (0: all)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--tile-px", type=int, default=1024, help="overview tile side (the run's --tile-px)")
+    parser.add_argument("--tile-px", type=int, default=None, help="overview tile side (default: a run's)")
     parser.add_argument("--profile", action="store_true", help="profile one pass instead of timing")
     parser.add_argument("--sort", default="tottime", help="profile order (tottime, cumulative, ...)")
+    parser.add_argument("--cv2-threads", type=int, default=1, help="OpenCV threads (default 1)")
     parser.add_argument("--dump", type=Path, default=None, help="write candidate tables for --compare")
     parser.add_argument("--compare", type=Path, nargs=2, default=None, help="compare two dumps")
     args = parser.parse_args(argv)
@@ -215,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         bad = compare(a, b)
         print("identical" if bad == 0 else f"{bad} tiles differ")
         raise SystemExit(1 if bad else 0)
-    cv2.setNumThreads(1)  # as in a single-threaded worker, and CPU time is then one core's
+    # One OpenCV thread: CPU time is then one core's. (Workers do not set it: OpenCV then splits some
+    # calls over every core, which costs CPU time and competes with the other workers.)
+    cv2.setNumThreads(args.cv2_threads)
     args.folder.mkdir(parents=True, exist_ok=True)
     slides = args.slide or [monolayer_slide(args.folder), bccd_slide(args.folder)]
     dumped = {}
@@ -232,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         core = sum(w * h for _, _, w, h in pixels)
         processed = sum(p.shape[0] * p.shape[1] for p in pixels.values())
         print(
-            f"{path.name}: {len(pixels)} tiles of {args.tile_px} px at {plan.overview_mpp:g} um/px "
+            f"{path.name}: {len(pixels)} tiles of {plan.params.tile_px} px at {plan.overview_mpp:g} um/px "
             f"(halo {plan.halo_px} px), "
             f"{found} candidates: {seconds:.3f} s CPU = {core / seconds / 1e6:.1f} Mpx/s of slide "
             f"({processed / seconds / 1e6:.1f} Mpx/s with the halo), "
