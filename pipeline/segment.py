@@ -41,9 +41,11 @@ local white I0 of the glass, a threshold, and stained objects of 40-800 um^2. He
 Every operation has bounded support (:func:`required_halo_um`): segmenting a tile with that halo gives,
 for the objects whose centroid lies in the tile's core, exactly the objects of the whole slide, however
 the slide is tiled (beyond the slide's border every tile must see the same: clipped, or one constant).
-Objects touching the tile's border are always dropped (they may be cut). Speed, one thread, 1 um/px,
-optical density included: ~20 Mpx/s of slide on a healthy smear (1024 px tiles with the halo), ~12 Mpx/s
-when a white cell lies every 40 um (``python -m benchmarks.bccd_recall --speed``).
+Objects touching the tile's border are always dropped (they may be cut). Speed of a tile's whole
+detection (:func:`pipeline._tile_maps.tile_maps`, segmentation and ring features), CPU time of one core
+at 1 um/px, in Mpx/s of slide: 47-58 in 2048-px tiles (41-45 in 1024-px ones) on simulated monolayers,
+13-16 on the BCCD photographs tiled edge to edge, a white cell every 46 x 35 um, where the per-object
+work dominates (``python -m benchmarks.bench_detect_tile``).
 """
 
 from __future__ import annotations
