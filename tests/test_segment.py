@@ -612,7 +612,9 @@ def test_tile_maps_of_thin_images(shape, one_opencv_thread):
     np.testing.assert_array_equal(maps.layers, red_cell_layers(od, stains.red_cell_direction, 0.2))
 
 
-@pytest.mark.parametrize("shape", [(1, 20), (2, 9), (5, 4), (40, 3), (57, 131), (300, 260)])
+@pytest.mark.parametrize(
+    "shape", [(1, 20), (2, 9), (5, 4), (40, 3), (57, 131), (300, 260), (257, 1), (513, 2), (16, 1)]
+)
 @pytest.mark.parametrize("mpp", [1.0, 3.0])
 def test_local_white_equals_a_dilation_with_the_replicated_edge(shape, mpp):
     rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
