@@ -43,8 +43,8 @@ for the objects whose centroid lies in the tile's core, exactly the objects of t
 the slide is tiled (beyond the slide's border every tile must see the same: clipped, or one constant).
 Objects touching the tile's border are always dropped (they may be cut). Speed of a tile's whole
 detection (:func:`pipeline._tile_maps.tile_maps`, segmentation and ring features), CPU time of one core
-at 1 um/px, in Mpx/s of slide: 47-58 in 2048-px tiles (41-45 in 1024-px ones) on simulated monolayers,
-13-16 on the BCCD photographs tiled edge to edge, a white cell every 46 x 35 um, where the per-object
+at 1 um/px, in Mpx/s of slide: 49-60 in 2048-px tiles (40-47 in 1024-px ones) on simulated monolayers,
+15-16 on the BCCD photographs tiled edge to edge, a white cell every 46 x 35 um, where the per-object
 work dominates (``python -m benchmarks.bench_detect_tile``).
 """
 
