@@ -19,7 +19,7 @@ from its own sample windows), and also from each photograph alone (``per-photo``
 at 1 um/px, a harsh test of the estimator).
 
 The whole pipeline on real photographs (BCCD and three more labs, tiled into slides) is
-``benchmarks/real_smears.py``. ``--speed`` times :func:`~pipeline.segment.segment` on a 4096 x 4096 px
+``benchmarks/real_smears.py``. ``--speed`` times the segmentation of detection on a 4096 x 4096 px
 overview tiled from the photographs.
 
 Usage (from the repository root)::
@@ -45,7 +45,15 @@ import cv2
 import numpy as np
 
 from benchmarks.real_smears import voc_boxes
-from pipeline.segment import SegmentParams, SlideStains, estimate_slide_stains, required_halo_um, segment
+from pipeline._tile_maps import tile_maps
+from pipeline.segment import (
+    DEFAULT_RED_CELL_OD,
+    SegmentParams,
+    SlideStains,
+    estimate_slide_stains,
+    required_halo_um,
+    segment,
+)
 
 BCCD_MPP = 0.072  # from the median red-cell box (DESIGN-NOTES, data/bccd/SOURCE.md)
 DEFAULT_BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
@@ -197,13 +205,19 @@ def run_recall(
         sys.stdout.flush()
 
 
+def _segment_as_detection(rgb: np.ndarray, mpp: float, stains: SlideStains, params: SegmentParams):
+    """Segment as the runner's detection does: the tile's maps in one pass, then the objects."""
+    maps = tile_maps(rgb, mpp, params, stains, stains.red_cell_od or DEFAULT_RED_CELL_OD)
+    return segment(rgb, mpp, stains, params, feature=maps.feature, white=maps.white)
+
+
 def _time_segment(rgb: np.ndarray, mpp: float, stains: SlideStains, repeats: int) -> tuple[float, int]:
     params = SegmentParams()
-    segment(rgb[:512, :512], mpp, stains, params)  # warm up
+    _segment_as_detection(rgb[:512, :512], mpp, stains, params)  # warm up
     best, n = math.inf, 0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _, objects = segment(rgb, mpp, stains, params)
+        _, objects = _segment_as_detection(rgb, mpp, stains, params)
         best, n = min(best, time.perf_counter() - t0), len(objects)
     return best, n
 
@@ -217,7 +231,7 @@ def _time_tiled(rgb: np.ndarray, mpp: float, stains: SlideStains, tile_px: int) 
     for y in range(0, h, tile_px):
         for x in range(0, w, tile_px):
             window = rgb[max(0, y - halo) : y + tile_px + halo, max(0, x - halo) : x + tile_px + halo]
-            segment(np.ascontiguousarray(window), mpp, stains, params)
+            _segment_as_detection(np.ascontiguousarray(window), mpp, stains, params)
     return time.perf_counter() - t0
 
 
@@ -236,7 +250,10 @@ def _simulated_overview(tmp: Path, size_mm: float, mpp: float) -> np.ndarray:
 
 
 def run_speed(bccd: Path, mpp: float = 1.0, size_px: int = 4096, repeats: int = 3) -> None:
-    """Time :func:`segment` (optical density included) on one thread, on two overviews.
+    """Time segmentation as detection runs it (:func:`pipeline._tile_maps.tile_maps`: optical density,
+    stain feature and red-cell layers; then :func:`segment`) on one thread, on two overviews.
+
+    Wall time: for CPU time per tile, ring features included, see ``benchmarks/bench_detect_tile.py``.
 
     A mosaic of the photographs (a white cell every 46 x 35 um: as dense as a leukaemic smear, the worst
     case for the per-object work) and a simulated healthy monolayer (about 20 white cells per mm^2).

@@ -125,3 +125,79 @@ def test_quality_parameters_are_validated():
         QualityParams(ring_width_um=0)
     with pytest.raises(ParameterError, match="min_gap_um"):
         QualityParams(min_gap_um=math.nan)
+
+
+# ------------------------------------------------------------- against the straightforward versions
+def _reference_layers(od, direction, red_cell_od):
+    """red_cell_layers as first written: a float64 projection and a per-pixel minimum over channels."""
+    e = np.asarray(direction, float)
+    e = e / np.linalg.norm(e) / max(red_cell_od, 1e-6)
+    import cv2
+
+    layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
+    layers = np.maximum(layers, 0.0)
+    layers[od.min(axis=2) >= 0.6] = np.nan
+    return layers
+
+
+def _reference_ring(layers, labels, x_px, y_px, radius_px, mpp, params):
+    """ring_features as first written: one object at a time, every mean by numpy."""
+    h, w = layers.shape
+    out = np.full((len(x_px), 3), np.nan)
+    for k, (x, y, r) in enumerate(zip(x_px, y_px, radius_px, strict=True)):
+        inner = r + params.ring_gap_um / mpp
+        outer = inner + params.ring_width_um / mpp
+        y0, y1 = max(0, math.floor(y - outer)), min(h, math.ceil(y + outer) + 1)
+        x0, x1 = max(0, math.floor(x - outer)), min(w, math.ceil(x + outer) + 1)
+        if y0 >= y1 or x0 >= x1:
+            continue
+        yy, xx = np.ogrid[y0:y1, x0:x1]
+        d2 = (yy + 0.5 - y) ** 2 + (xx + 0.5 - x) ** 2
+        ring = (d2 >= inner**2) & (d2 < outer**2)
+        if not ring.any():
+            continue
+        window = layers[y0:y1, x0:x1][ring]
+        other = labels[y0:y1, x0:x1][ring] > 0
+        out[k, 0] = float(np.mean((window > params.stained_factor) | other))
+        free = window[~other]
+        free = free[~np.isnan(free)]
+        if free.size:
+            out[k, 1] = float(free.mean())
+            out[k, 2] = float(np.mean(free > params.stacked_factor))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_layers_and_ring_features_equal_the_straightforward_versions_bit_for_bit(seed):
+    rng = np.random.default_rng(seed)
+    h, w = 90, 120
+    od = rng.gamma(1.5, 0.15, (h, w, 3)).astype(np.float32)
+    od[rng.random((h, w)) < 0.05] = rng.uniform(0.55, 2.5, 3).astype(np.float32)  # black, near the limit
+    od[10:20, 30:50] = 0.6  # exactly at the limit: not tissue
+    # a direction with a negative component takes the exhaustive path
+    direction = [(0.45, 0.75, 0.49), (0.5, -0.1, 0.8)][seed % 2]
+    layers = red_cell_layers(od, direction, 0.2)
+    np.testing.assert_array_equal(layers, _reference_layers(od, direction, 0.2))
+    assert np.isnan(layers).any()
+    labels = np.zeros((h, w), np.int32)
+    for i, (cy, cx) in enumerate(rng.uniform([-5, -5], [h + 5, w + 5], (30, 2))):
+        labels[_disc((h, w), cx, cy, rng.uniform(2, 9))] = i + 1
+    n = 60
+    x, y = rng.uniform(-20, w + 20, n), rng.uniform(-20, h + 20, n)
+    x[:10], y[:10] = np.round(x[:10] * 2) / 2, np.round(y[:10] * 2) / 2  # on pixel edges and centres
+    radius = rng.uniform(0.0, 15.0, n)
+    radius[:5] = [0.0, 0.5, 1.0, 2.5, 7.0]
+    mpp = [0.8, 1.0, 0.5, 2.0][seed % 4]
+    params = QualityParams(ring_gap_um=float(rng.uniform(0.3, 3)), ring_width_um=float(rng.uniform(0.4, 14)))
+    got = ring_features(layers, labels, x, y, radius, mpp, params)
+    want = _reference_ring(layers, labels, x, y, radius, mpp, params)
+    np.testing.assert_array_equal(got[["coverage", "layers", "stacked"]].to_numpy(), want)
+    assert np.isfinite(want).any() and np.isnan(want).any()
+    # a few objects on a large tile: their boxes are measured one by one
+    big_layers = np.zeros((700, 700), np.float32)
+    big_labels = np.zeros((700, 700), np.int32)
+    big_layers[300 : 300 + h, 250 : 250 + w], big_labels[300 : 300 + h, 250 : 250 + w] = layers, labels
+    some = slice(0, 8)
+    got = ring_features(big_layers, big_labels, x[some] + 250, y[some] + 300, radius[some], mpp, params)
+    want = _reference_ring(big_layers, big_labels, x[some] + 250, y[some] + 300, radius[some], mpp, params)
+    np.testing.assert_array_equal(got[["coverage", "layers", "stacked"]].to_numpy(), want)

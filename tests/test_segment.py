@@ -24,9 +24,11 @@ from hypothesis import strategies as st
 from pipeline.errors import ParameterError
 from pipeline.segment import (
     COLUMNS,
+    DEFAULT_RED_CELL_DIRECTION,
     SegmentParams,
     SlideStains,
     estimate_slide_stains,
+    local_white,
     optical_density,
     required_halo_um,
     segment,
@@ -551,6 +553,84 @@ def test_tiled_segmentation_equals_the_whole_image_for_any_tiling(tile, shift):
     rgb, stains, params, whole = _invariance_case()
     tiled = _tiled(rgb, stains, params, tile, shift % tile)
     pd.testing.assert_frame_equal(tiled, whole, check_exact=False, rtol=1e-9)
+
+
+# ------------------------------------------------------------- the maps detection computes in strips
+@pytest.fixture
+def one_opencv_thread():
+    """OpenCV on one thread, as in a worker: with several, cv2.magnitude's rounding of a pixel depends
+    on where the threads' stripes end, and the reference itself changes in the last bit."""
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    yield
+    cv2.setNumThreads(before)
+
+
+@pytest.mark.parametrize("nucleus", [True, False])
+def test_tile_maps_and_segmenting_from_them_equal_the_whole_tile_functions_bit_for_bit(
+    nucleus, one_opencv_thread
+):
+    from pipeline._tile_maps import STRIP_ROWS, tile_maps
+    from pipeline.quality import red_cell_layers
+
+    rgb, stains, params, _ = _invariance_case()
+    if not nucleus:  # older statistics: the feature is the length of the whole residual
+        stains = replace(stains, nucleus_direction=None)
+    rgb = rgb.copy()
+    rgb[:30, :50] = 3  # black: not tissue
+    assert rgb.shape[0] > 2 * STRIP_ROWS  # several strips, the last one partial
+    maps = tile_maps(rgb, 1.0, params, stains, 0.2)
+    od = optical_density(rgb, 1.0, params, stains)
+    np.testing.assert_array_equal(maps.white, local_white(rgb, 1.0, params, stains.white_rgb))
+    feature = stain_feature(od, stains.red_cell_direction, stains.nucleus_direction)
+    if nucleus:
+        np.testing.assert_array_equal(maps.feature, feature)
+    else:  # cv2.magnitude rounds the last bit by the memory alignment of its input, in either version
+        np.testing.assert_allclose(maps.feature, feature, rtol=1e-6, atol=0)
+        return
+    np.testing.assert_array_equal(maps.layers, red_cell_layers(od, stains.red_cell_direction, 0.2))
+    assert np.isnan(maps.layers).any()
+    labels, objects = segment(rgb, 1.0, stains, params, od=od)
+    labels2, objects2 = segment(rgb, 1.0, stains, params, feature=maps.feature, white=maps.white)
+    assert len(objects) >= 30
+    np.testing.assert_array_equal(labels2, labels)
+    pd.testing.assert_frame_equal(objects2, objects, check_exact=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4), (130, 2), (129, 4), (3, 700)])
+def test_tile_maps_of_thin_images(shape, one_opencv_thread):
+    from pipeline._tile_maps import tile_maps
+    from pipeline.quality import red_cell_layers
+
+    rgb = np.random.default_rng(0).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    params = SegmentParams()
+    stains = SlideStains((230.0, 220.0, 225.0), DEFAULT_RED_CELL_DIRECTION, 0.01, 0.05, 0.3, 0.2, None)
+    maps = tile_maps(rgb, 1.0, params, stains, 0.2)
+    od = optical_density(rgb, 1.0, params, stains)
+    assert maps.feature.shape == maps.layers.shape == shape
+    np.testing.assert_allclose(maps.feature, stain_feature(od, stains.red_cell_direction), rtol=1e-6)
+    np.testing.assert_array_equal(maps.layers, red_cell_layers(od, stains.red_cell_direction, 0.2))
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 20), (2, 9), (5, 4), (40, 3), (57, 131), (300, 260), (257, 1), (513, 2), (16, 1)]
+)
+@pytest.mark.parametrize("mpp", [1.0, 3.0])
+def test_local_white_equals_a_dilation_with_the_replicated_edge(shape, mpp):
+    rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
+    params = SegmentParams()
+    r = math.ceil(params.white_radius_um / mpp - 1e-9)
+    smooth = cv2.blur(rgb, (3, 3), borderType=cv2.BORDER_REPLICATE)
+    square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
+    want = cv2.dilate(smooth, square, borderType=cv2.BORDER_REPLICATE)
+    np.testing.assert_array_equal(local_white(rgb, mpp, params), want)
+
+
+def test_memory_retention_is_set_once_and_harmless():
+    from pipeline._memory import retain_freed_memory
+
+    assert retain_freed_memory() == retain_freed_memory()
+    assert np.ones(8 << 20, np.uint8).sum() == 8 << 20
 
 
 # -------------------------------------------------------------------------------- validation
