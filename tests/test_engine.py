@@ -84,3 +84,20 @@ def test_waiting_for_slurm_jobs_gives_up_with_a_clear_error(monkeypatch):
         engine._wait_for_slurm_jobs(client, said.append, timeout_s=1500.0)
     assert client.waited_s == 1500.0
     assert len(said) == 2 and "squeue --me" in said[0]
+
+
+def _opencv_threads(_item: int) -> int:
+    import cv2
+
+    return cv2.getNumThreads()
+
+
+def test_local_workers_run_opencv_on_one_thread():
+    import os
+
+    from pipeline.engine import compute_client
+
+    if (os.cpu_count() or 1) < 2:
+        pytest.skip("OpenCV already runs on one thread on a one-core machine")
+    with compute_client(2) as c:
+        assert set(ordered_map(c, _opencv_threads, range(4))) == {1}
