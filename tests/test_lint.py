@@ -15,7 +15,20 @@ def test_ruff_check_is_clean():
     if shutil.which("ruff") is None:
         unavailable("ruff is installed with the test extras")
     proc = subprocess.run(
-        ["ruff", "check", "pipeline", "tests", "benchmarks"],
+        ["ruff", "check", "pipeline", "tests", "benchmarks", "notebooks", "examples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_ruff_format_is_clean():
+    if shutil.which("ruff") is None:
+        unavailable("ruff is installed with the test extras")
+    proc = subprocess.run(
+        ["ruff", "format", "--check", "pipeline", "tests", "benchmarks", "notebooks", "examples"],
         cwd=ROOT,
         capture_output=True,
         text=True,
