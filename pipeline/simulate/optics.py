@@ -262,9 +262,16 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
     return index, glass
 
 
-def blur_halo_px(mpp: float) -> int:
-    """Pixels of context a region needs on each side for its blur to be exact."""
-    return _radius_px(BLUR_LEVELS_UM[-1], mpp)
+def blur_halo_px(mpp: float, level_index: np.ndarray | None = None) -> int:
+    """Pixels of context a region needs on each side for its blur to be exact.
+
+    With the region's ``level_index`` (see :func:`apply_blur`), only as much as its blurriest level
+    needs; without, enough for any region.
+    """
+    if level_index is None or level_index.size == 0:
+        return _radius_px(BLUR_LEVELS_UM[-1], mpp)
+    last = len(BLUR_LEVELS_UM) - 1
+    return _radius_px(BLUR_LEVELS_UM[min(int(level_index.max()), last - 1) + 1], mpp)
 
 
 def _radius_px(sigma_um: float, mpp: float) -> int:

@@ -85,7 +85,19 @@ def _od_bank(
 ) -> tuple[tuple[int, int, np.ndarray], ...]:
     # Module level, not on the model: a worker receives a fresh copy of the model with every task.
     matrix = np.frombuffer(stain_matrix, dtype=np.float32).reshape(3, 3)
-    return tuple((s.y0, s.x0, _to_od(s.conc, matrix)) for s in _sprite_bank(seed, mpp, kind, n, spread))
+    return tuple(
+        _cropped(s.y0, s.x0, _to_od(s.conc, matrix)) for s in _sprite_bank(seed, mpp, kind, n, spread)
+    )
+
+
+def _cropped(y0: int, x0: int, od: np.ndarray) -> tuple[int, int, np.ndarray]:
+    """A sprite cut to the bounding box of its non-zero pixels (a red cell's square grid is half empty:
+    pasting its zeros, a thousand times per megapixel, cost a third of the pasting)."""
+    ys, xs = np.nonzero(od.any(axis=2))
+    if not len(ys):
+        return y0, x0, od[:0, :0]
+    ya, yb, xa, xb = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    return y0 + int(ya), x0 + int(xa), np.ascontiguousarray(od[ya:yb, xa:xb])
 
 
 def _to_od(conc: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
@@ -196,7 +208,10 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     """
     spec, scene = model.spec, model.scene
     mpp = spec.mpp
-    halo = blur_halo_px(mpp)
+    # The blur levels a region needs set its halo: in focus, 8 px instead of the 35 px of the blurriest
+    # level, 10 % fewer canvas pixels to draw in a 1024-px chunk.
+    level_index, glass = smooth_fields(model.optics, y0, x0, height, width)
+    halo = blur_halo_px(mpp, level_index)
     cy0, cx0 = y0 - halo, x0 - halo
     ch, cw = height + 2 * halo, width + 2 * halo
     canvas = workspace("canvas", (ch, cw, 3))
@@ -258,7 +273,6 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     # The canvas holds optical density; light through it is 10^-OD.
     canvas *= np.float32(-_LN10)
     transmittance = cv2.exp(canvas, canvas)
-    level_index, glass = smooth_fields(model.optics, y0, x0, height, width)
     core = apply_blur(transmittance, halo, level_index, mpp)
     intensity = np.multiply(core, glass, out=core)
     rgb = add_sensor_noise(intensity, model.optics, y0, x0)
