@@ -269,13 +269,37 @@ def blur_halo_px(mpp: float, level_index: np.ndarray | None = None) -> int:
     needs; without, enough for any region.
     """
     if level_index is None or level_index.size == 0:
-        return _radius_px(BLUR_LEVELS_UM[-1], mpp)
+        return _radius_px(_level_sigma_um(len(BLUR_LEVELS_UM) - 1), mpp)
     last = len(BLUR_LEVELS_UM) - 1
-    return _radius_px(BLUR_LEVELS_UM[min(int(level_index.max()), last - 1) + 1], mpp)
+    return _radius_px(_level_sigma_um(min(int(level_index.max()), last - 1) + 1), mpp)
 
 
 def _radius_px(sigma_um: float, mpp: float) -> int:
     return math.ceil(3.5 * sigma_um / mpp) + 1
+
+
+def _level_sigma_um(level: int) -> float:
+    """The blur a level adds to the canvas, whose sprites already carry the PSF (level 0)."""
+    return math.sqrt(max(BLUR_LEVELS_UM[level] ** 2 - BLUR_LEVELS_UM[0] ** 2, 0.0))
+
+
+def psf_pad_px(mpp: float) -> int:
+    """How far (px) :func:`psf_sprite` widens a sprite on each side."""
+    return _radius_px(BLUR_LEVELS_UM[0], mpp)
+
+
+def psf_sprite(y0: int, x0: int, od: np.ndarray, mpp: float) -> tuple[int, int, np.ndarray]:
+    """An optical density sprite blurred by the in-focus PSF (:data:`BLUR_LEVELS_UM` ``[0]``), padded.
+
+    Sprites carry the PSF, so the canvas needs no blur where a slide is in focus: one full-canvas
+    Gaussian pass less per region (a tenth of the rendering). The PSF acts on optical density here, not
+    on light; at 0.18 um the two differ only within a pixel of the sharpest edges.
+    """
+    sigma_px = BLUR_LEVELS_UM[0] / mpp
+    pad = psf_pad_px(mpp)
+    padded = cv2.copyMakeBorder(od, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    k = 2 * math.ceil(3.5 * sigma_px) + 1
+    return y0 - pad, x0 - pad, cv2.GaussianBlur(padded, (k, k), sigma_px, borderType=cv2.BORDER_CONSTANT)
 
 
 def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mpp: float) -> np.ndarray:
@@ -325,9 +349,11 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
 
 
 def _blur_level(transmittance: np.ndarray, halo: int, h: int, w: int, level: int, mpp: float) -> np.ndarray:
-    """The ``(h, w, 3)`` core of the canvas blurred with :data:`BLUR_LEVELS_UM` ``[level]``."""
-    sigma_px = BLUR_LEVELS_UM[level] / mpp
-    r = _radius_px(BLUR_LEVELS_UM[level], mpp)
+    """The ``(h, w, 3)`` core of the canvas at blur :data:`BLUR_LEVELS_UM` ``[level]`` in all."""
+    if level == 0:  # the sprites carry the PSF already (psf_sprite)
+        return transmittance[halo : halo + h, halo : halo + w]
+    sigma_px = _level_sigma_um(level) / mpp
+    r = _radius_px(_level_sigma_um(level), mpp)
     # Only the core and this level's own radius are needed: a smaller image to blur.
     part = transmittance[halo - r : halo + h + r, halo - r : halo + w + r]
     k = 2 * math.ceil(3.5 * sigma_px) + 1

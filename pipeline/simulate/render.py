@@ -23,6 +23,8 @@ from .optics import (
     apply_blur,
     blur_halo_px,
     draw_optics,
+    psf_pad_px,
+    psf_sprite,
     smooth_fields,
     workspace,
 )
@@ -86,7 +88,8 @@ def _od_bank(
     # Module level, not on the model: a worker receives a fresh copy of the model with every task.
     matrix = np.frombuffer(stain_matrix, dtype=np.float32).reshape(3, 3)
     return tuple(
-        _cropped(s.y0, s.x0, _to_od(s.conc, matrix)) for s in _sprite_bank(seed, mpp, kind, n, spread)
+        _cropped(*psf_sprite(s.y0, s.x0, _to_od(s.conc, matrix), mpp))
+        for s in _sprite_bank(seed, mpp, kind, n, spread)
     )
 
 
@@ -250,8 +253,12 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     diameters = np.zeros(len(nucleated))
     nucleus_areas = np.zeros(len(nucleated))
     # A cell reaches the canvas only if its centre is within MAX_DIAMETER_UM / 2 of it.
+    pad = psf_pad_px(mpp) * mpp  # the PSF's reach beyond a sprite
     touches_canvas = (
-        (nucleated.x_um >= ax0) & (nucleated.x_um < ax1) & (nucleated.y_um >= ay0) & (nucleated.y_um < ay1)
+        (nucleated.x_um >= ax0 - pad)
+        & (nucleated.x_um < ax1 + pad)
+        & (nucleated.y_um >= ay0 - pad)
+        & (nucleated.y_um < ay1 + pad)
     )
     for k in np.flatnonzero(touches_canvas):
         sprite = render_cell(
@@ -262,11 +269,13 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
             mpp,
             float(nucleated.spread[k]),
         )
-        _paste(canvas, cy0, cx0, _to_od(sprite.conc, model.stain_matrix), sprite.y0, sprite.x0)
+        sy0, sx0, od = psf_sprite(sprite.y0, sprite.x0, _to_od(sprite.conc, model.stain_matrix), mpp)
+        _paste(canvas, cy0, cx0, od, sy0, sx0)
         diameters[k] = sprite.diameter_um
         nucleus_areas[k] = sprite.nucleus_area_um2
 
-    for sy0, sx0, od in artefact_sprites(spec, ax0, ay0, ax1, ay1):
+    for sprite_y0, sprite_x0, sprite_od in artefact_sprites(spec, ax0, ay0, ax1, ay1):
+        sy0, sx0, od = psf_sprite(sprite_y0, sprite_x0, sprite_od, mpp)
         _paste(canvas, cy0, cx0, od, sy0, sx0)
     add_edge_and_label(canvas, spec, cy0, cx0)
 
