@@ -224,7 +224,8 @@ def _field_gain(seed: int, gain_sd: float, seam_tint: float, fy: int, fx: int) -
 
 
 def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blur level index ``(h, w)`` and glass intensity ``(h, w, 3)`` of a level-0 region.
+    """Blur level index ``(h, w)`` and glass intensity ``(h, w, 3)`` of a level-0 region (scratch
+    arrays of this thread, overwritten by the next call).
 
     Both vary slowly, so they are evaluated on a grid of :data:`FIELD_GRID_PX` and interpolated
     bilinearly, one aligned :data:`SMOOTH_BLOCK_PX` block at a time: a block is always computed from
@@ -233,8 +234,9 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
     """
     step, block = FIELD_GRID_PX, SMOOTH_BLOCK_PX
     per = block // step
-    index = np.empty((h, w), dtype=np.float32)
-    glass = np.empty((h, w, 3), dtype=np.float32)
+    # Scratch arrays of this thread (see workspace): valid until the next call.
+    index = workspace("smooth_index", (h, w))
+    glass = workspace("smooth_glass", (h, w, 3))
     by0, by1 = y0 // block, (y0 + h - 1) // block
     bx0, bx1 = x0 // block, (x0 + w - 1) // block
     gy_all = (np.arange(by0 * per, (by1 + 1) * per + 1) * step).astype(np.float64)
@@ -256,8 +258,12 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
             xa, xb = max(x0, bx * block), min(x0 + w, (bx + 1) * block)
             oy, ox = half - by * block, half - bx * block
             # Separate contiguous outputs: numpy is slow on interleaved channel views.
-            for target, channels in ((index, grid[..., 0]), (glass, grid[..., 1:])):
-                up = cv2.resize(np.ascontiguousarray(channels), size, interpolation=cv2.INTER_LINEAR)
+            for target, channels, name in (
+                (index, grid[..., 0], "smooth_up1"),
+                (glass, grid[..., 1:], "smooth_up3"),
+            ):
+                up = workspace(name, (size[1], size[0], *channels.shape[2:]))
+                cv2.resize(np.ascontiguousarray(channels), size, dst=up, interpolation=cv2.INTER_LINEAR)
                 target[ya - y0 : yb - y0, xa - x0 : xb - x0] = up[ya + oy : yb + oy, xa + ox : xb + ox]
     return index, glass
 
