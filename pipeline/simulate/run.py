@@ -369,6 +369,28 @@ def _reduce4(image: np.ndarray) -> np.ndarray:
     return cv2.resize(image, (math.ceil(w / 4), math.ceil(h / 4)), interpolation=cv2.INTER_AREA)
 
 
+def _pairs_within(x: np.ndarray, y: np.ndarray, r: float) -> Iterator[tuple[int, int]]:
+    """Index pairs ``i < j`` of points at most ``r`` apart, from a grid of ``r``-sized buckets.
+
+    What ``scipy.spatial.cKDTree.query_pairs`` gives, without importing ``scipy.spatial`` (half a
+    second of the driver's CPU, a fifth of all it does for a 5 x 5 mm slide); white cells are sparse.
+    """
+    size = max(r, 1e-9)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    cells = zip(
+        np.floor(x / size).astype(np.int64).tolist(),
+        np.floor(y / size).astype(np.int64).tolist(),
+        strict=True,
+    )
+    for j, (bx, by) in enumerate(cells):
+        for dx in (-1, 0, 1):
+            for dy in (-1, 0, 1):
+                for i in buckets.get((bx + dx, by + dy), ()):
+                    if math.hypot(x[i] - x[j], y[i] - y[j]) <= r:
+                        yield i, j
+        buckets.setdefault((bx, by), []).append(j)
+
+
 def _truth_tables(
     model: SlideModel,
     results: list[_ChunkResult],
@@ -378,7 +400,6 @@ def _truth_tables(
     levels: list[tuple[int, int]],
 ) -> tuple[pd.DataFrame, dict]:
     import pandas as pd
-    from scipy.spatial import cKDTree
 
     spec, scene = model.spec, model.scene
     cols = {k: np.concatenate([r.cells[k] for r in results]) for k in results[0].cells} if results else {}
@@ -392,8 +413,7 @@ def _truth_tables(
     touching = scene.thickness(x, y) > PUSH_ASIDE_MAX_THICKNESS  # red cells overlap them there
     if len(df) > 1:
         diameter = df["diameter_um"].to_numpy(float)
-        tree = cKDTree(np.column_stack([x, y]))
-        for i, j in tree.query_pairs(r=float(diameter.max())):
+        for i, j in _pairs_within(x, y, float(diameter.max())):
             # touching: rims closer than 1 um (cells are drawn side by side where the film is thin)
             if math.hypot(x[i] - x[j], y[i] - y[j]) < 0.5 * (diameter[i] + diameter[j]) + 1.0:
                 touching[i] = touching[j] = True
