@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -103,11 +104,13 @@ def _worker_model(model: SlideModel) -> SlideModel:
 
 
 def _in_dask_worker() -> bool:
+    # A process that has not imported distributed is no worker (and need not pay for importing it).
+    distributed = sys.modules.get("distributed")
+    if distributed is None:
+        return False
     try:
-        from distributed import get_worker
-
-        get_worker()
-    except (ImportError, ValueError):
+        distributed.get_worker()
+    except ValueError:
         return False
     return True
 
