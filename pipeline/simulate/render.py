@@ -134,6 +134,21 @@ def _sprite_bank(seed: int, mpp: float, kind: str, n: int, spread: float) -> tup
     return tuple(render_cell(kind, int(s), 0.5, 0.5, mpp, spread) for s in seeds)
 
 
+@lru_cache(maxsize=64)
+def _cell_od(
+    class_index: int, seed: int, cx_px: float, cy_px: float, mpp: float, spread: float, stain_matrix: bytes
+) -> tuple[int, int, np.ndarray, float, float]:
+    """A white cell's optical density sprite with the PSF: ``(y0, x0, od, diameter_um, nucleus_area_um2)``.
+
+    Cached: a cell on a chunk border is drawn by each chunk it reaches, and a task renders neighbouring
+    chunks one after another.
+    """
+    sprite = render_cell(MLL23_CLASSES[class_index], seed, cx_px, cy_px, mpp, spread)
+    matrix = np.frombuffer(stain_matrix, dtype=np.float32).reshape(3, 3)
+    y0, x0, od = psf_sprite(sprite.y0, sprite.x0, _to_od(sprite.conc, matrix), mpp)
+    return y0, x0, od, sprite.diameter_um, sprite.nucleus_area_um2
+
+
 def simple_object_diameters_um(
     model: SlideModel, red: SimpleObjects, platelets: SimpleObjects
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -261,18 +276,16 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
         & (nucleated.y_um < ay1 + pad)
     )
     for k in np.flatnonzero(touches_canvas):
-        sprite = render_cell(
-            MLL23_CLASSES[int(nucleated.class_index[k])],
+        sy0, sx0, od, diameters[k], nucleus_areas[k] = _cell_od(
+            int(nucleated.class_index[k]),
             int(nucleated.seed[k]),
             float(nucleated.x_um[k] / mpp),
             float(nucleated.y_um[k] / mpp),
             mpp,
             float(nucleated.spread[k]),
+            model.stain_matrix.tobytes(),
         )
-        sy0, sx0, od = psf_sprite(sprite.y0, sprite.x0, _to_od(sprite.conc, model.stain_matrix), mpp)
         _paste(canvas, cy0, cx0, od, sy0, sx0)
-        diameters[k] = sprite.diameter_um
-        nucleus_areas[k] = sprite.nucleus_area_um2
 
     for sprite_y0, sprite_x0, sprite_od in artefact_sprites(spec, ax0, ay0, ax1, ay1):
         sy0, sx0, od = psf_sprite(sprite_y0, sprite_x0, sprite_od, mpp)
