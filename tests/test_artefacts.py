@@ -41,6 +41,29 @@ def test_sparse_artefacts_switch_off_one_by_one():
     assert kept <= {(y, x) for y, x, _ in all_sprites}
 
 
+@pytest.mark.parametrize("kind", ["debris", "precipitate", "dust"])
+def test_sparse_artefacts_are_smaller_than_any_white_cell(kind):
+    """Debris, precipitate and dust are never white-cell-sized stained objects (they once were cell-sized
+    purple blobs that the detector kept as smudge cells): in OD summed over R, G, B above 0.15 (stained,
+    DESIGN-NOTES section 9), each sprite covers far less than the 40 um^2 a scanner's gallery keeps."""
+    mpp = 0.25
+    spec = _spec({kind})
+    sprites = artefact_sprites(spec, 0.0, 0.0, 6000.0, 6000.0)  # 36 mm^2: dozens to hundreds
+    assert len(sprites) > 40
+    areas, directions = [], []
+    for _, _, od in sprites:
+        stained = od.sum(axis=2) > 0.15
+        areas.append(stained.sum() * mpp * mpp)
+        if stained.any():
+            mean = od[stained].mean(axis=0)
+            directions.append(mean / mean.sum())
+    assert max(areas) < 25.0, sorted(areas)[-5:]
+    if kind == "precipitate":  # dark azure granules: green absorbed most
+        assert min(areas) > 0 and all(d[1] > 0.4 for d in directions)
+    if kind == "dust":  # grey, no stain hue (when it shows at all)
+        assert all(np.ptp(d) < 0.01 for d in directions)
+
+
 def test_switching_artefacts_off_changes_the_pixels():
     region = (1000, 1000, 3000, 3000)
     on = render_region(SlideModel(_spec()), *region).rgb

@@ -235,3 +235,27 @@ def test_level1_pieces_read_back_as_rows(tmp_path):
     assert np.array_equal(rows[:, :256], whole[100:200, :256])
     assert np.array_equal(rows[:28, 256:], whole[100:128, 256:300])
     assert (rows[28:, 256:] == 255).all()
+
+
+def test_blur_of_a_region_equals_the_same_pixels_of_a_larger_one():
+    """Each pixel blends its own two blur levels: a region where the index spans several levels (out of
+    focus patches) gives the pixels of a larger region, whatever levels the rest of either needs."""
+    from pipeline.simulate.optics import BLUR_LEVELS_UM, apply_blur, blur_halo_px
+
+    mpp = 0.25
+    rng = np.random.default_rng(3)
+    halo = blur_halo_px(mpp)
+    h = w = 300
+    canvas = rng.random((h + 2 * halo, w + 2 * halo, 3), dtype=np.float32)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    index = np.clip((xx + yy) / (h + w) * (len(BLUR_LEVELS_UM) - 0.5), 0, len(BLUR_LEVELS_UM) - 1)
+    index = np.ascontiguousarray(index, dtype=np.float32)
+    whole = apply_blur(canvas, halo, index, mpp).copy()
+    for y0, x0, sh, sw in [(0, 0, 40, 50), (100, 120, 60, 30), (250, 200, 50, 100), (10, 280, 7, 20)]:
+        sub_index = np.ascontiguousarray(index[y0 : y0 + sh, x0 : x0 + sw])
+        sub_halo = blur_halo_px(mpp, sub_index)  # only the context this region's levels need
+        sub = canvas[
+            halo + y0 - sub_halo : halo + y0 + sh + sub_halo, halo + x0 - sub_halo : halo + x0 + sw + sub_halo
+        ]
+        part = apply_blur(np.ascontiguousarray(sub), sub_halo, sub_index, mpp)
+        assert np.array_equal(part, whole[y0 : y0 + sh, x0 : x0 + sw]), (y0, x0)

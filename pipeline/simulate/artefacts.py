@@ -20,8 +20,9 @@ from .cells import _Grid, _texture
 from .scene import SceneSpec
 
 BLOCK_UM = 500.0
-#: Largest extent of an artefact sprite (um): canvases fetch artefacts this far around them.
-MAX_ARTEFACT_UM = 80.0
+#: Largest extent of an artefact sprite (um): canvases fetch artefacts this far around them (a 40-um
+#: dust fibre, blurred).
+MAX_ARTEFACT_UM = 60.0
 #: Mean number per mm^2 of smear (debris, precipitate) or of slide (dust).
 RATES_PER_MM2 = {"dust": 6.0, "precipitate": 2.0, "debris": 4.0}
 #: Where the coverslip ends and the label begins on a 'whole' slide (fractions of its width).
@@ -29,10 +30,10 @@ COVERSLIP_END = 0.93
 LABEL_END = 0.12
 _B_ARTEFACT = 401
 _S_UNSCANNED_COLOUR = 42
-# Neutral grey (dust, label), the purple of azure-eosin precipitate, the lilac of lysed cells: OD per
-# unit, R G B.
+# Neutral grey (dust, label), the azure of precipitate (the OD direction of small stained objects in
+# chula-rbc fields, sum 1), the lilac of lysed cells: OD per unit, R G B.
 _GREY = np.array([1.0, 1.0, 1.0], np.float32)
-_PURPLE = np.array([0.55, 0.9, 0.25], np.float32)
+_AZURE = np.array([0.28, 0.46, 0.26], np.float32)
 _LILAC = np.array([0.25, 0.3, 0.12], np.float32)
 
 
@@ -80,43 +81,71 @@ def _draw(kind: str, seed: int, cx: float, cy: float, mpp: float) -> tuple[int, 
 
 
 def _dust(rng: np.random.Generator, cx: float, cy: float, mpp: float) -> tuple[int, int, np.ndarray]:
-    blur_um = rng.uniform(1.0, 3.0)
+    """Dust on the coverslip: a grey speck (< 3 um) or a thin fibre, out of focus, no stain hue.
+
+    Sizes and darkness from real fields (chula-rbc: stained objects under 1 um^2 are neutral grey with
+    a mean OD sum of about 0.18); fibres are long but thin and faint.
+    """
+    blur_um = rng.uniform(0.5, 2.0)
     fibre = rng.random() < 0.3
-    length = rng.uniform(15.0, 35.0)
-    r = rng.uniform(1.0, 6.0)
-    grid = _Grid(cx, cy, mpp, (length / 2 + 2.0 if fibre else r) + 3 * blur_um)
+    length = rng.uniform(10.0, 40.0)
+    r = rng.uniform(0.3, 1.5)
+    grid = _Grid(cx, cy, mpp, (length / 2 + 1.0 if fibre else r) + 3 * blur_um)
     if fibre:  # a gently curved line
         a, bend = rng.uniform(0, np.pi), rng.uniform(-0.04, 0.04)
         u, v = grid.rotated(a)
         along = np.clip(u, -length / 2, length / 2)
         dist = np.hypot(u - along, v - bend * along**2)
-        shape = grid.soft(dist - rng.uniform(0.4, 1.0))
-        od = rng.uniform(0.3, 0.8)
+        shape = grid.soft(dist - rng.uniform(0.15, 0.4))
+        od = rng.uniform(0.05, 0.15)
     else:  # a speck
         shape = grid.soft(np.hypot(grid.u, grid.v * rng.uniform(0.6, 1.0)) - r)
-        od = rng.uniform(0.15, 0.6)
-    # Above the focal plane: blurred by 1-3 um.
+        od = rng.uniform(0.06, 0.2)
+    # Above the focal plane: blurred by 0.5-2 um.
     shape = cv2.GaussianBlur(shape, (0, 0), blur_um / mpp)
     return grid.y0, grid.x0, (shape[..., None] * (od * _GREY)).astype(np.float32)
 
 
 def _precipitate(rng: np.random.Generator, cx: float, cy: float, mpp: float) -> tuple[int, int, np.ndarray]:
-    grid = _Grid(cx, cy, mpp, 20.0)
-    n = int(rng.integers(6, 40))
-    spread = rng.uniform(4.0, 15.0)
+    """Stain precipitate: a loose cluster of 3-12 dark azure granules of 0.4-1.5 um within ~10 um.
+
+    Real precipitate is granules and small crystals, mostly under 3 um, often clustered; in real
+    fields (chula-rbc) stained objects of 1-8 um^2 that are not red cells have an azure-purple OD
+    direction (R, G, B about 0.28, 0.47, 0.27). A cluster's granules cover under 20 um^2 in all, half
+    the smallest white cell a scanner keeps (40 um^2).
+    """
+    grid = _Grid(cx, cy, mpp, 7.0)
+    n = int(rng.integers(3, 13))
+    spread = rng.uniform(2.0, 8.0)
     dots = np.zeros(grid.shape, np.float32)
-    for x, y in rng.normal(0.0, spread / 2, (n, 2)).clip(-18.0, 18.0):
-        dots = np.maximum(dots, grid.soft(np.hypot(grid.u - x, grid.v - y) - rng.uniform(0.25, 0.8)))
-    return grid.y0, grid.x0, (dots[..., None] * (rng.uniform(0.8, 1.6) * _PURPLE)).astype(np.float32)
+    for x, y in rng.normal(0.0, spread / 2, (n, 2)).clip(-5.5, 5.5):
+        dots = np.maximum(dots, grid.soft(np.hypot(grid.u - x, grid.v - y) - rng.uniform(0.2, 0.75)))
+    return grid.y0, grid.x0, (dots[..., None] * (rng.uniform(0.6, 1.3) * _AZURE)).astype(np.float32)
 
 
 def _debris(rng: np.random.Generator, cx: float, cy: float, mpp: float) -> tuple[int, int, np.ndarray]:
-    r = rng.uniform(3.0, 9.0)
-    grid = _Grid(cx, cy, mpp, r * 1.6)
-    phi = np.arctan2(grid.v, grid.u)
-    edge = r * (1.0 + sum(rng.uniform(0.05, 0.2) * np.cos(k * phi + rng.uniform(0, 6.3)) for k in (2, 3, 5)))
-    shape = grid.soft(np.hypot(grid.u, grid.v) - edge) * _texture(rng, grid, 0.8, 0.5)
-    return grid.y0, grid.x0, (shape[..., None] * (rng.uniform(0.5, 1.5) * _LILAC)).astype(np.float32)
+    """Cell debris: one to three small, irregular, pale lilac fragments, 2-20 um^2 together.
+
+    Fragments of lysed cells are far smaller than a white cell (a smudge cell, the ruptured white cell
+    itself, is one of the nucleated classes, not debris): in real fields (chula-rbc) stained objects
+    that are not red cells have a median area of 0.9 um^2, 90 % are under 6.3 um^2, and their mean OD
+    sum is 0.2-0.3.
+    """
+    grid = _Grid(cx, cy, mpp, 6.0)
+    shape = np.zeros(grid.shape, np.float32)
+    # 2-20 um^2 in all, shared by the fragments: even fragments that touch stay far below 40 um^2.
+    areas = rng.uniform(2.0, 20.0) * rng.dirichlet(np.ones(int(rng.integers(1, 4))))
+    for area in areas:
+        r = math.sqrt(max(area, 0.5) / math.pi)
+        fx, fy = rng.uniform(-3.0, 3.0, 2)
+        du, dv = grid.u - fx, grid.v - fy
+        phi = np.arctan2(dv, du)
+        edge = r * (
+            1.0 + sum(rng.uniform(0.1, 0.3) * np.cos(k * phi + rng.uniform(0, 6.3)) for k in (2, 3, 5))
+        )
+        shape = np.maximum(shape, grid.soft(np.hypot(du, dv) - edge))
+    shape *= _texture(rng, grid, 0.6, 0.4)
+    return grid.y0, grid.x0, (shape[..., None] * (rng.uniform(0.3, 0.6) * _LILAC)).astype(np.float32)
 
 
 def add_edge_and_label(od: np.ndarray, spec: SceneSpec, cy0: int, cx0: int) -> None:

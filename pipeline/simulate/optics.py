@@ -224,7 +224,8 @@ def _field_gain(seed: int, gain_sd: float, seam_tint: float, fy: int, fx: int) -
 
 
 def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blur level index ``(h, w)`` and glass intensity ``(h, w, 3)`` of a level-0 region.
+    """Blur level index ``(h, w)`` and glass intensity ``(h, w, 3)`` of a level-0 region (scratch
+    arrays of this thread, overwritten by the next call).
 
     Both vary slowly, so they are evaluated on a grid of :data:`FIELD_GRID_PX` and interpolated
     bilinearly, one aligned :data:`SMOOTH_BLOCK_PX` block at a time: a block is always computed from
@@ -233,8 +234,9 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
     """
     step, block = FIELD_GRID_PX, SMOOTH_BLOCK_PX
     per = block // step
-    index = np.empty((h, w), dtype=np.float32)
-    glass = np.empty((h, w, 3), dtype=np.float32)
+    # Scratch arrays of this thread (see workspace): valid until the next call.
+    index = workspace("smooth_index", (h, w))
+    glass = workspace("smooth_glass", (h, w, 3))
     by0, by1 = y0 // block, (y0 + h - 1) // block
     bx0, bx1 = x0 // block, (x0 + w - 1) // block
     gy_all = (np.arange(by0 * per, (by1 + 1) * per + 1) * step).astype(np.float64)
@@ -256,19 +258,54 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
             xa, xb = max(x0, bx * block), min(x0 + w, (bx + 1) * block)
             oy, ox = half - by * block, half - bx * block
             # Separate contiguous outputs: numpy is slow on interleaved channel views.
-            for target, channels in ((index, grid[..., 0]), (glass, grid[..., 1:])):
-                up = cv2.resize(np.ascontiguousarray(channels), size, interpolation=cv2.INTER_LINEAR)
+            for target, channels, name in (
+                (index, grid[..., 0], "smooth_up1"),
+                (glass, grid[..., 1:], "smooth_up3"),
+            ):
+                up = workspace(name, (size[1], size[0], *channels.shape[2:]))
+                cv2.resize(np.ascontiguousarray(channels), size, dst=up, interpolation=cv2.INTER_LINEAR)
                 target[ya - y0 : yb - y0, xa - x0 : xb - x0] = up[ya + oy : yb + oy, xa + ox : xb + ox]
     return index, glass
 
 
-def blur_halo_px(mpp: float) -> int:
-    """Pixels of context a region needs on each side for its blur to be exact."""
-    return _radius_px(BLUR_LEVELS_UM[-1], mpp)
+def blur_halo_px(mpp: float, level_index: np.ndarray | None = None) -> int:
+    """Pixels of context a region needs on each side for its blur to be exact.
+
+    With the region's ``level_index`` (see :func:`apply_blur`), only as much as its blurriest level
+    needs; without, enough for any region.
+    """
+    if level_index is None or level_index.size == 0:
+        return _radius_px(_level_sigma_um(len(BLUR_LEVELS_UM) - 1), mpp)
+    last = len(BLUR_LEVELS_UM) - 1
+    return _radius_px(_level_sigma_um(min(int(level_index.max()), last - 1) + 1), mpp)
 
 
 def _radius_px(sigma_um: float, mpp: float) -> int:
     return math.ceil(3.5 * sigma_um / mpp) + 1
+
+
+def _level_sigma_um(level: int) -> float:
+    """The blur a level adds to the canvas, whose sprites already carry the PSF (level 0)."""
+    return math.sqrt(max(BLUR_LEVELS_UM[level] ** 2 - BLUR_LEVELS_UM[0] ** 2, 0.0))
+
+
+def psf_pad_px(mpp: float) -> int:
+    """How far (px) :func:`psf_sprite` widens a sprite on each side."""
+    return _radius_px(BLUR_LEVELS_UM[0], mpp)
+
+
+def psf_sprite(y0: int, x0: int, od: np.ndarray, mpp: float) -> tuple[int, int, np.ndarray]:
+    """An optical density sprite blurred by the in-focus PSF (:data:`BLUR_LEVELS_UM` ``[0]``), padded.
+
+    Sprites carry the PSF, so the canvas needs no blur where a slide is in focus: one full-canvas
+    Gaussian pass less per region (a tenth of the rendering). The PSF acts on optical density here, not
+    on light; at 0.18 um the two differ only within a pixel of the sharpest edges.
+    """
+    sigma_px = BLUR_LEVELS_UM[0] / mpp
+    pad = psf_pad_px(mpp)
+    padded = cv2.copyMakeBorder(od, pad, pad, pad, pad, cv2.BORDER_CONSTANT, value=0)
+    k = 2 * math.ceil(3.5 * sigma_px) + 1
+    return y0 - pad, x0 - pad, cv2.GaussianBlur(padded, (k, k), sigma_px, borderType=cv2.BORDER_CONSTANT)
 
 
 def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mpp: float) -> np.ndarray:
@@ -281,8 +318,8 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
     halo
         Context on each side (at least :func:`blur_halo_px`).
     level_index
-        ``(h, w)`` fractional index into :data:`BLUR_LEVELS_UM` of every core pixel; a level's share is
-        the tent ``1 - |index - level|``.
+        ``(h, w)`` fractional index into :data:`BLUR_LEVELS_UM` of every core pixel; a pixel blends the
+        two levels around its index linearly (index 1.3: 0.7 of level 1 and 0.3 of level 2).
     mpp
         Pixel size, um/px.
 
@@ -290,37 +327,45 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
     -------
     numpy.ndarray
         ``(h, w, 3)`` float32, the blurred core. A pixel depends only on the canvas within the radius
-        of its blur levels, so a region rendered with its halo equals the same pixels of the whole slide.
+        of its blur levels and on its own index, so a region rendered with its halo equals the same
+        pixels of the whole slide.
     """
     h, w = level_index.shape
-    top = min(len(BLUR_LEVELS_UM) - 1, max(0, math.ceil(float(level_index.max()))))
+    last = len(BLUR_LEVELS_UM) - 1
+    # The pair of levels a pixel blends is a function of its index alone (lower = floor, at most
+    # last - 1), never of the region: the same two blurs and weights wherever the pixel is rendered.
+    lower = np.floor(level_index, out=workspace("blur_lower", (h, w)))
+    np.minimum(lower, np.float32(last - 1), out=lower)
+    upper_weight = np.subtract(level_index, lower, out=workspace("blur_upper_w", (h, w)))
+    lower_weight = np.subtract(np.float32(1.0), upper_weight, out=workspace("blur_lower_w", (h, w)))
+    first, top = int(lower.min()), int(lower.max())
+    blurred = {level: _blur_level(transmittance, halo, h, w, level, mpp) for level in range(first, top + 2)}
     out = workspace("blur_out", (h, w, 3))
-    share = workspace("blur_share", (h, w))
-    share3 = workspace("blur_share3", (h, w, 3))
-    previous: np.ndarray | None = None
-    # Telescoping sum from level 0: out = B0 + sum_l clip(index - (l - 1), 0, 1) * (B_l - B_(l-1)).
-    # Always starting at level 0 keeps the arithmetic of a pixel the same in every region (a level a
-    # region does not need adds an exact 0).
-    for level in range(top + 1):
-        sigma_px = BLUR_LEVELS_UM[level] / mpp
-        r = _radius_px(BLUR_LEVELS_UM[level], mpp)
-        # Only the core and this level's own radius are needed: a smaller image to blur.
-        part = transmittance[halo - r : halo + h + r, halo - r : halo + w + r]
-        k = 2 * math.ceil(3.5 * sigma_px) + 1
-        dst = workspace(f"blur_{level}", part.shape)
-        cv2.GaussianBlur(part, (k, k), sigma_px, dst=dst, borderType=cv2.BORDER_REFLECT)
-        blurred = dst[r : r + h, r : r + w]
-        if previous is None:
-            out[:] = blurred
-        else:
-            np.subtract(level_index, np.float32(level - 1), out=share)
-            np.clip(share, 0.0, 1.0, out=share)
-            cv2.merge([share, share, share], dst=share3)
-            step = np.subtract(blurred, previous, out=workspace("blur_step", (h, w, 3)))
-            np.multiply(step, share3, out=step)
-            np.add(out, step, out=out)
-        previous = blurred
+    if first == top:  # one pair everywhere (usual: the gentle defocus spans less than a level)
+        # One pass: (lower_w * B_l + upper_w * B_l+1) / (lower_w + upper_w + 1e-5), OpenCV's formula.
+        cv2.blendLinear(blurred[first], blurred[first + 1], lower_weight, upper_weight, dst=out)
+        return out
+    pair = workspace("blur_pair", (h, w, 3))
+    mask = workspace_u8("blur_mask", (h, w))
+    for level in range(first, top + 1):
+        cv2.blendLinear(blurred[level], blurred[level + 1], lower_weight, upper_weight, dst=pair)
+        cv2.compare(lower, float(level), cv2.CMP_EQ, dst=mask)
+        cv2.copyTo(pair, mask, out)
     return out
+
+
+def _blur_level(transmittance: np.ndarray, halo: int, h: int, w: int, level: int, mpp: float) -> np.ndarray:
+    """The ``(h, w, 3)`` core of the canvas at blur :data:`BLUR_LEVELS_UM` ``[level]`` in all."""
+    if level == 0:  # the sprites carry the PSF already (psf_sprite)
+        return transmittance[halo : halo + h, halo : halo + w]
+    sigma_px = _level_sigma_um(level) / mpp
+    r = _radius_px(_level_sigma_um(level), mpp)
+    # Only the core and this level's own radius are needed: a smaller image to blur.
+    part = transmittance[halo - r : halo + h + r, halo - r : halo + w + r]
+    k = 2 * math.ceil(3.5 * sigma_px) + 1
+    dst = workspace(f"blur_{level}", part.shape)
+    cv2.GaussianBlur(part, (k, k), sigma_px, dst=dst, borderType=cv2.BORDER_REFLECT)
+    return dst[r : r + h, r : r + w]
 
 
 # ------------------------------------------------------------------------------------- workspace
@@ -337,6 +382,16 @@ def workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
     array = buffers.get(name)
     if array is None or array.shape != shape:
         array = np.empty(shape, np.float32)
+        buffers[name] = array
+    return array
+
+
+def workspace_u8(name: str, shape: tuple[int, ...]) -> np.ndarray:
+    """Like :func:`workspace`, a uint8 scratch array of this thread (masks)."""
+    buffers = _WORKSPACE.__dict__
+    array = buffers.get(name)
+    if array is None or array.shape != shape:
+        array = np.empty(shape, np.uint8)
         buffers[name] = array
     return array
 
@@ -367,11 +422,9 @@ def add_sensor_noise(intensity: np.ndarray, optics: Optics, y0: int, x0: int) ->
     """
     h, w = intensity.shape[:2]
     b = NOISE_BLOCK_PX
-    # intensity >= 0: transmittance and glass are.
-    sd = np.multiply(
-        intensity, np.float32(1.0 / optics.electrons_per_dn), out=workspace("noise_sd", intensity.shape)
-    )
-    sd += np.float32(optics.read_noise_dn**2)
+    # intensity >= 0: transmittance and glass are. Variance intensity / gain + read noise^2, one pass.
+    sd = workspace("noise_sd", intensity.shape)
+    cv2.addWeighted(intensity, 1.0 / optics.electrons_per_dn, intensity, 0.0, optics.read_noise_dn**2, dst=sd)
     cv2.sqrt(sd, sd)
     bys = np.arange(y0 // b, (y0 + h - 1) // b + 1)
     bxs = np.arange(x0 // b, (x0 + w - 1) // b + 1)
@@ -384,9 +437,7 @@ def add_sensor_noise(intensity: np.ndarray, optics: Optics, y0: int, x0: int) ->
             ys0, xs0 = max(y0, by * b), max(x0, bx * b)
             ys1, xs1 = min(y0 + h, (by + 1) * b), min(x0 + w, (bx + 1) * b)
             view = sd[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
-            np.multiply(view, block[ys0 - by * b : ys1 - by * b, xs0 - bx * b : xs1 - bx * b], out=view)
-    sd += intensity
-    # Rounding to nearest and saturating, as a camera's ADC does (negatives are clipped first: the
-    # conversion takes absolute values).
-    cv2.threshold(sd, 0.0, 0.0, cv2.THRESH_TOZERO, dst=sd)
-    return cv2.convertScaleAbs(sd)
+            # cv2 rather than numpy: twice as fast on these strided 3-channel views, same products
+            cv2.multiply(view, block[ys0 - by * b : ys1 - by * b, xs0 - bx * b : xs1 - bx * b], dst=view)
+    # Signal plus noise, rounded to nearest and saturated to 0-255 as a camera's ADC does, in one pass.
+    return cv2.add(intensity, sd, dtype=cv2.CV_8U)

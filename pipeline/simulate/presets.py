@@ -17,9 +17,9 @@ PLACEMENTS = ("monolayer", "thick", "feathered", "across", "whole")
 
 #: Artefacts of real slides and scans, each of which can be switched off (all are on by default).
 ARTEFACTS: dict[str, str] = {
-    "dust": "dust and fibres on the coverslip, out of focus",
-    "precipitate": "clusters of dark purple stain precipitate",
-    "debris": "debris and lysed cells, pale purple blobs",
+    "dust": "grey specks and thin fibres on the coverslip, out of focus",
+    "precipitate": "clusters of dark azure stain granules under 1.5 um",
+    "debris": "small pale fragments of lysed cells, 2-20 um^2 (far below a white cell)",
     "edge": "the coverslip edge, on whole slides",
     "label": "the opaque paper label, on whole slides (in a skipped area unless unscanned is off)",
     "unscanned": "bare glass the scanner skipped, black or white, on whole slides",
