@@ -259,15 +259,7 @@ def run_speed(bccd: Path, mpp: float = 1.0, size_px: int = 4096, repeats: int = 
     case for the per-object work) and a simulated healthy monolayer (about 20 white cells per mm^2).
     """
     cv2.setNumThreads(1)
-    photos = load_photos(bccd, mpp, 0) + load_photos(bccd, mpp, 1)
-    th = min(p.rgb.shape[0] for p in photos)
-    tw = min(p.rgb.shape[1] for p in photos)
-    rows, cols = math.ceil(size_px / th), math.ceil(size_px / tw)
-    grid = [p.rgb[:th, :tw] for p in photos]
-    mosaic = np.vstack(
-        [np.hstack([grid[(r * cols + c) % len(grid)] for c in range(cols)]) for r in range(rows)]
-    )[:size_px, :size_px]
-    mosaic = np.ascontiguousarray(mosaic)
+    photos, mosaic = bccd_mosaic(bccd, mpp, size_px)
     stains = estimate_slide_stains([p.rgb for p in photos[::4]], mpp, SegmentParams())
     best, n = _time_segment(mosaic, mpp, stains, repeats)
     print(
@@ -289,6 +281,19 @@ def run_speed(bccd: Path, mpp: float = 1.0, size_px: int = 4096, repeats: int = 
             f"  in {tile_px} px tiles with the {required_halo_um(SegmentParams(), mpp):.0f} um halo: "
             f"{seconds:.3f} s = {w * h / seconds / 1e6:.1f} Mpx/s of slide"
         )
+
+
+def bccd_mosaic(bccd: Path, mpp: float, size_px: int) -> tuple[list, np.ndarray]:
+    """Every BCCD photograph at ``mpp``, and a ``size_px`` square mosaic of them edge to edge."""
+    photos = load_photos(bccd, mpp, 0) + load_photos(bccd, mpp, 1)
+    th = min(p.rgb.shape[0] for p in photos)
+    tw = min(p.rgb.shape[1] for p in photos)
+    rows, cols = math.ceil(size_px / th), math.ceil(size_px / tw)
+    grid = [p.rgb[:th, :tw] for p in photos]
+    mosaic = np.vstack(
+        [np.hstack([grid[(r * cols + c) % len(grid)] for c in range(cols)]) for r in range(rows)]
+    )[:size_px, :size_px]
+    return photos, np.ascontiguousarray(mosaic)
 
 
 def main() -> None:

@@ -67,20 +67,12 @@ def monolayer_slide(folder: Path, size_mm: float = 4.096) -> Path:
 
 def bccd_slide(folder: Path, size_px: int = 4096) -> Path:
     """The BCCD photographs at 1 um/px tiled into a ``size_px`` square slide (built once)."""
-    from benchmarks.bccd_recall import DEFAULT_BCCD, load_photos
+    from benchmarks.bccd_recall import DEFAULT_BCCD, bccd_mosaic
     from pipeline.simulate.svs import write_svs
 
     path = folder / "bccd_1um.svs"
     if not path.exists():
-        photos = load_photos(DEFAULT_BCCD, 1.0, 0) + load_photos(DEFAULT_BCCD, 1.0, 1)
-        th = min(p.rgb.shape[0] for p in photos)
-        tw = min(p.rgb.shape[1] for p in photos)
-        rows, cols = math.ceil(size_px / th), math.ceil(size_px / tw)
-        grid = [p.rgb[:th, :tw] for p in photos]
-        mosaic = np.vstack(
-            [np.hstack([grid[(r * cols + c) % len(grid)] for c in range(cols)]) for r in range(rows)]
-        )[:size_px, :size_px]
-        write_svs(np.ascontiguousarray(mosaic), path, 1.0)
+        write_svs(bccd_mosaic(DEFAULT_BCCD, 1.0, size_px)[1], path, 1.0)
     return path
 
 

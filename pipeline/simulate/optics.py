@@ -372,28 +372,24 @@ def _blur_level(transmittance: np.ndarray, halo: int, h: int, w: int, level: int
 _WORKSPACE = threading.local()
 
 
-def workspace(name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A float32 scratch array of this thread, reused between calls (its contents are garbage).
+def workspace(name: str, shape: tuple[int, ...], dtype: type = np.float32) -> np.ndarray:
+    """A scratch array of this thread, reused between calls (its contents are garbage).
 
     Render buffers are tens of MB; allocating them afresh for every region spent more time in page
     faults than in arithmetic.
     """
     buffers = _WORKSPACE.__dict__
-    array = buffers.get(name)
+    key = (name, np.dtype(dtype).str)
+    array = buffers.get(key)
     if array is None or array.shape != shape:
-        array = np.empty(shape, np.float32)
-        buffers[name] = array
+        array = np.empty(shape, dtype)
+        buffers[key] = array
     return array
 
 
 def workspace_u8(name: str, shape: tuple[int, ...]) -> np.ndarray:
     """Like :func:`workspace`, a uint8 scratch array of this thread (masks)."""
-    buffers = _WORKSPACE.__dict__
-    array = buffers.get(name)
-    if array is None or array.shape != shape:
-        array = np.empty(shape, np.uint8)
-        buffers[name] = array
-    return array
+    return workspace(name, shape, np.uint8)
 
 
 # ----------------------------------------------------------------------------------------- noise
