@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
+from tests._ci import in_ci, unavailable  # noqa: F401  (re-exported for the test modules)
 from tests.slurm_cluster import slurm_cluster  # noqa: F401  (a real SLURM for tests/test_slurm.py)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -61,19 +61,6 @@ def small_slide(tmp_path_factory: pytest.TempPathFactory):
         workers=0,
         progress=False,
     )
-
-
-def in_ci() -> bool:
-    """True where the environment variable CI is set to true (as ``.ci/run`` is run)."""
-    return os.environ.get("CI", "").strip().lower() in {"1", "true", "yes"}
-
-
-def unavailable(reason: str) -> None:
-    """Stop a test that cannot run here: a failure under CI=true, where everything it needs must be
-    present, and a skip with ``reason`` elsewhere (e.g. a fresh clone without ../shared)."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI=true: a test that cannot run is a failure)", pytrace=False)
-    pytest.skip(reason)
 
 
 def shared_path(*parts: str) -> Path:

@@ -29,6 +29,8 @@ from typing import TypeVar
 
 import pytest
 
+from tests._ci import unavailable
+
 T = TypeVar("T")
 
 #: Programs the fixture runs; the daemons are in /usr/sbin, which a non-login PATH may lack.
@@ -100,13 +102,6 @@ def unavailable_reason() -> str | None:
     except ImportError:
         return "dask-jobqueue not installed: pip install 'bloodsmear-pipeline[slurm]'"
     return None
-
-
-def skip_or_fail(reason: str) -> None:
-    """Skip with ``reason``, or fail under CI=true, where SLURM must be there."""
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(f"SLURM tests cannot run under CI: {reason}")
-    pytest.skip(reason)
 
 
 def _which(name: str) -> str | None:
@@ -318,7 +313,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
     and the teardown fails if any of its processes is left."""
     reason = unavailable_reason()
     if reason is not None:
-        skip_or_fail(reason)
+        unavailable(f"SLURM tests: {reason}")
     root = tmp_path_factory.mktemp("slurm")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PATH"] = os.pathsep.join([env.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -327,7 +322,7 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmClu
         try:
             cluster.start()
         except (RuntimeError, AssertionError) as exc:
-            skip_or_fail(f"SLURM did not start: {exc}")
+            unavailable(f"SLURM did not start: {exc}")
         yield cluster
     finally:
         left = cluster.stop()
