@@ -228,9 +228,8 @@ def create_app(out_dir: str | Path, token: str | None = None) -> Flask:
         return jsonify({"annotator": annotator, "labels": {str(k): v for k, v in labels.items()}})
 
     def _tiles(stem: str) -> SlideTiles:
-        mpp = float((catalog.gallery(stem).attrs.get("slide") or {}).get("mpp") or 0) or None
         try:
-            return tiles.get(catalog.slide_path(stem), mpp)
+            return tiles.get(*catalog.slide(stem))
         except SlideError as exc:
             raise GalleryError(f"{exc}; the gallery is still shown") from exc
 

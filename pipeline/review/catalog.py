@@ -124,8 +124,9 @@ class Catalog:
         self._galleries[stem] = gallery
         return gallery
 
-    def slide_path(self, stem: str) -> Path:
-        """The slide file the gallery ``stem`` was cut from, as its attributes name it.
+    def slide(self, stem: str) -> tuple[Path, float | None]:
+        """The slide file the gallery ``stem`` was cut from, as its attributes name it, and the pixel
+        size (um/px) the run used (None if the gallery does not say).
 
         Raises
         ------
@@ -133,7 +134,8 @@ class Catalog:
             If the gallery names no slide, or the file is not there any more.
         """
         gallery = self.gallery(stem)
-        named = str((gallery.attrs.get("slide") or {}).get("path") or "")
+        slide = gallery.attrs.get("slide") or {}
+        named = str(slide.get("path") or "")
         if not named:
             raise GalleryError(f"gallery {stem} names no slide file")
         path = Path(named)
@@ -144,7 +146,7 @@ class Catalog:
             raise GalleryError(
                 f"slide {named} of gallery {stem} is not there any more; move it back to view it"
             )
-        return path
+        return path, float(slide.get("mpp") or 0) or None
 
     def pictures(self) -> list[str]:
         """The QC pictures (``<stem>.overview.png``, ``<stem>.contact.png``) directly in the folder."""
