@@ -75,18 +75,11 @@ def tile_maps(
     h, w = rgb.shape[:2]
     feature = np.empty((h, w), np.float32)
     layers = np.empty((h, w), np.float32)
-    bounds = [*range(0, h, STRIP_ROWS), h]
-    if len(bounds) > 2 and (h - bounds[-2]) * w <= 4:
-        # OpenCV reads an array of four elements or fewer as a scalar: no such strip on its own
-        del bounds[-2]
-    for a, b in pairwise(bounds):
+    for a, b in pairwise([*range(0, h, STRIP_ROWS), h]):
         od = od_against(rgb[a:b], white[a:b])
-        if stains.nucleus_direction is not None and od.size > 12:  # written in place (OpenCV: > 4 px)
+        if stains.nucleus_direction is not None:
             stain_feature(od, stains.red_cell_direction, stains.nucleus_direction, out=feature[a:b])
-        else:
-            feature[a:b] = stain_feature(od, stains.red_cell_direction, stains.nucleus_direction)
-        if od.size > 12:
-            red_cell_layers(od, stains.red_cell_direction, red_cell_od, out=layers[a:b])
-        else:
-            layers[a:b] = red_cell_layers(od, stains.red_cell_direction, red_cell_od)
+        else:  # the residual's length (older statistics) is not written in place
+            feature[a:b] = stain_feature(od, stains.red_cell_direction)
+        red_cell_layers(od, stains.red_cell_direction, red_cell_od, out=layers[a:b])
     return TileMaps(white, feature, layers)

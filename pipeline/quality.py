@@ -51,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import ParameterError
-from .segment import NON_TISSUE_MIN_OD
+from .segment import NON_TISSUE_MIN_OD, clip_negative, written_into
 
 REASONS = ("cut", "thick_zone", "touching", "out_of_focus")
 
@@ -141,11 +141,8 @@ def red_cell_layers(
     if out is None:
         layers = cv2.transform(od, e.astype(np.float32)[None]).reshape(od.shape[:2])
     else:
-        layers = _into(cv2.transform(od, e.astype(np.float32)[None], dst=out), out)
-    if layers.size > 4:
-        cv2.max(layers, 0.0, dst=layers)
-    else:  # OpenCV reads a scalar as four values on images of four pixels or fewer
-        np.maximum(layers, 0.0, out=layers)
+        layers = written_into(cv2.transform(od, e.astype(np.float32)[None], dst=out), out)
+    clip_negative(layers)
     # Non-tissue pixels are rare: find the few that can be, then test them exactly. Where every channel
     # reaches NON_TISSUE_MIN_OD, so does the projection on a direction of non-negative components (times
     # their sum; 1e-3 of slack covers float32 rounding): a one-channel test on the layers just computed,
@@ -159,13 +156,6 @@ def red_cell_layers(
         darkest = od.reshape(-1, 3)[maybe].min(axis=1)
         layers.reshape(-1)[maybe[darkest >= NON_TISSUE_MIN_OD]] = np.nan
     return layers
-
-
-def _into(result: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """``out``, checked to be where OpenCV wrote ``result`` (it allocates anew when ``dst`` does not fit)."""
-    if result is not out and not np.shares_memory(result, out):
-        raise ValueError("out must be a C-contiguous float32 array of the result's shape")
-    return out
 
 
 def slide_density(layers: list[np.ndarray], mpp: float, params: QualityParams) -> float:

@@ -489,13 +489,12 @@ def stain_feature(
     interleaved = od.ndim == 3 and od.shape[2] == 3
     if nucleus_direction is not None:
         w = _unit(nucleus_direction).astype(np.float32)
-        if interleaved and out is not None:
-            feature = cv2.transform(od, w[None], dst=out)
-            if feature is not out and not np.shares_memory(feature, out):
-                raise ParameterError("out must be a C-contiguous float32 array of the result's shape")
-            return cv2.max(out, 0.0, dst=out)
         if interleaved:
-            return cv2.max(cv2.transform(od, w[None]), 0.0)
+            if out is None:
+                feature = cv2.transform(od, w[None]).reshape(od.shape[:2])
+            else:
+                feature = written_into(cv2.transform(od, w[None], dst=out), out)
+            return clip_negative(feature)
         return np.maximum(od.reshape(-1, 3) @ w, 0.0).astype(np.float32).reshape(od.shape[:-1])
     if out is not None:
         raise ParameterError("stain_feature writes into out only along a nuclear direction")
@@ -508,6 +507,21 @@ def stain_feature(
     a = (flat @ u).astype(np.float32)
     b = (flat @ v).astype(np.float32)
     return np.hypot(a, b).reshape(od.shape[:-1])
+
+
+def written_into(result: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """``out``, checked to be where OpenCV wrote ``result`` (it allocates anew when ``dst`` does not fit)."""
+    if result is not out and not np.shares_memory(result, out):
+        raise ParameterError("out must be a C-contiguous float32 array of the result's shape")
+    return out
+
+
+def clip_negative(values: np.ndarray) -> np.ndarray:
+    """``values`` with negatives set to 0, in place (float32)."""
+    if values.size > 4:
+        return cv2.max(values, 0.0, dst=values)
+    # OpenCV reads a scalar as four values on images of four pixels or fewer
+    return np.maximum(values, 0.0, out=values)
 
 
 @lru_cache(maxsize=64)
