@@ -46,8 +46,8 @@ import numpy as np
 
 from benchmarks.real_smears import voc_boxes
 from pipeline._tile_maps import tile_maps
+from pipeline.runner import _red_cell_unit
 from pipeline.segment import (
-    DEFAULT_RED_CELL_OD,
     SegmentParams,
     SlideStains,
     estimate_slide_stains,
@@ -207,7 +207,7 @@ def run_recall(
 
 def _segment_as_detection(rgb: np.ndarray, mpp: float, stains: SlideStains, params: SegmentParams):
     """Segment as the runner's detection does: the tile's maps in one pass, then the objects."""
-    maps = tile_maps(rgb, mpp, params, stains, stains.red_cell_od or DEFAULT_RED_CELL_OD)
+    maps = tile_maps(rgb, mpp, params, stains, _red_cell_unit(stains))
     return segment(rgb, mpp, stains, params, feature=maps.feature, white=maps.white)
 
 

@@ -188,6 +188,17 @@ def hand_written(
     return pd.DataFrame(rows, columns=["x_px", "y_px", "area_um2"])
 
 
+def raw_tiles(page, fh, indices: list[int] | None = None) -> list[bytes]:
+    """The stored (still encoded) bytes of a TIFF page's tiles ``indices`` (default: all), from ``fh``."""
+    if indices is None:
+        indices = list(range(len(page.dataoffsets)))
+    out = []
+    for index in indices:
+        fh.seek(page.dataoffsets[index])
+        out.append(fh.read(page.databytecounts[index]))
+    return out
+
+
 def decode_floor(
     slide_path: Path, gallery_path: Path, relocation_windows: bool = True, repeats: int = 1
 ) -> tuple[float, int]:
@@ -212,12 +223,7 @@ def decode_floor(
 
         def tiles_of(page, wanted):
             across = math.ceil(page.imagewidth / page.tilewidth)
-            out = []
-            for ty, tx in wanted:
-                index = ty * across + tx
-                fh.seek(page.dataoffsets[index])
-                out.append(fh.read(page.databytecounts[index]))
-            return out
+            return raw_tiles(page, fh, [ty * across + tx for ty, tx in wanted])
 
         page = levels[overview_level].pages[0] if overview_level is not None else levels[0].pages[0]
         n_across = math.ceil(page.imagewidth / page.tilewidth)

@@ -36,19 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks._measure import run_measured
-from benchmarks.bench_detect import decode_floor
+from benchmarks.bench_detect import decode_floor, raw_tiles
 from pipeline.gallery import open_gallery
 
 BLOCK_MM = 4.096  # 16384 px at 0.25 um/px: every level of the block is a whole number of 256-px tiles
 MPP = 0.25
-
-
-def _level_tiles(page, fh) -> list[bytes]:
-    out = []
-    for offset, count in zip(page.dataoffsets, page.databytecounts, strict=True):
-        fh.seek(offset)
-        out.append(fh.read(count))
-    return out
 
 
 def build_large_slide(out: Path, blocks: int, seed: int = 3, workers: int = 2) -> Path:
@@ -73,7 +65,7 @@ def build_large_slide(out: Path, blocks: int, seed: int = 3, workers: int = 2) -
         down = math.ceil(page0.imagelength / TILE_PX)
         if page0.imagewidth % TILE_PX or page0.imagelength % TILE_PX:
             raise SystemExit("the block must be a whole number of tiles")
-        tiles0 = _level_tiles(page0, fh)
+        tiles0 = raw_tiles(page0, fh)
         reduced = [level.asarray() for level in levels[1:]]
     w0, h0 = page0.imagewidth * blocks, page0.imagelength * blocks
 

@@ -47,7 +47,7 @@ from .gallery import (
     write_shard,
 )
 from .lock import gallery_lock
-from .od import od_lut
+from .od import od_lut, optical_density
 from .qc import gallery_contact_sheet, overview_picture, png_bytes, write_file, write_png
 from .quality import QualityParams, judge, neighbour_gaps_um, red_cell_layers, ring_features, slide_density
 from .relocate import (
@@ -251,7 +251,7 @@ def stain_map(plan: Plan) -> StainMap:
     pixels = thumb.reshape(-1, 3)
     unsaturated = pixels[(pixels < 254).any(axis=1)]
     white = np.percentile(unsaturated if len(unsaturated) > 100 else pixels, 99, axis=0)
-    od = cv2.LUT(thumb, od_lut(white)).sum(axis=-1)
+    od = optical_density(thumb, white).sum(axis=-1)
     return StainMap((od > BLANK_MAX_OD_SUM).astype(np.uint8), plan.overview_mpp / thumb_mpp)
 
 
