@@ -7,6 +7,7 @@ smear. Differentials are relative weights over the nucleated classes of
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ..errors import ParameterError
@@ -28,15 +29,16 @@ ARTEFACTS: dict[str, str] = {
 }
 
 
-def parse_artefacts(text: str) -> frozenset[str]:
-    """``"all"``, ``"none"`` or a comma-separated list of :data:`ARTEFACTS` names.
+def parse_artefacts(text: str | Iterable[str]) -> frozenset[str]:
+    """``"all"``, ``"none"`` or a comma-separated list of :data:`ARTEFACTS` names (or those names).
 
     Raises
     ------
     ParameterError
         For an unknown name; the message lists the valid ones.
     """
-    words = [w.strip() for w in text.split(",") if w.strip()]
+    parts = text.split(",") if isinstance(text, str) else text
+    words = [w.strip() for w in parts if w.strip()]
     if words == ["all"]:
         return frozenset(ARTEFACTS)
     if words in (["none"], []):

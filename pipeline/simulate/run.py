@@ -30,7 +30,7 @@ from ..errors import ParameterError
 from ._level1 import Level1Store
 from .cells import MLL23_CLASSES
 from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
-from .presets import ARTEFACTS, get_preset, parse_artefacts
+from .presets import get_preset, parse_artefacts
 from .render import SlideModel, render_region
 from .scene import PLACEMENTS, PUSH_ASIDE_MAX_THICKNESS, SceneSpec
 from .svs import TILE_PX, SvsWriter, encode_tile, pyramid_sizes, thumbnail_from, tiles_of
@@ -233,10 +233,7 @@ def simulate_slide(
     blood = get_preset(preset)
     width_px = round(width_mm * 1000.0 / mpp)
     height_px = round(height_mm * 1000.0 / mpp)
-    chosen = parse_artefacts(artefacts) if isinstance(artefacts, str) else frozenset(artefacts)
-    unknown = sorted(chosen - set(ARTEFACTS))
-    if unknown:
-        raise ParameterError(f"unknown artefact(s) {', '.join(unknown)}; valid: {', '.join(ARTEFACTS)}")
+    chosen = parse_artefacts(artefacts)
     model = SlideModel(SceneSpec(width_px, height_px, mpp, seed, blood, placement, chosen))
 
     stem = out.name[: -len(out.suffix)]
