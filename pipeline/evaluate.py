@@ -163,13 +163,26 @@ def detection_zones(
     return truth["zone"].to_numpy().astype(str)[nearest]
 
 
+def _match_table(table: pd.DataFrame, truth: pd.DataFrame, mpp: float) -> Matching:
+    """:func:`match` of a gallery table's level-0 positions against the truth cells."""
+    return match(
+        table["x_px"].to_numpy(float) * mpp,
+        table["y_px"].to_numpy(float) * mpp,
+        truth["x_um"].to_numpy(float),
+        truth["y_um"].to_numpy(float),
+        truth["diameter_um"].to_numpy(float) / 2,
+    )
+
+
 def _section(
-    table: pd.DataFrame, truth: pd.DataFrame, mpp: float, zone_map: Callable[..., np.ndarray] | None
+    table: pd.DataFrame,
+    truth: pd.DataFrame,
+    mpp: float,
+    zone_map: Callable[..., np.ndarray] | None,
+    m: Matching,
 ) -> dict[str, Any]:
     det_x = table["x_px"].to_numpy(float) * mpp
     det_y = table["y_px"].to_numpy(float) * mpp
-    tx, ty = truth["x_um"].to_numpy(float), truth["y_um"].to_numpy(float)
-    m = match(det_x, det_y, tx, ty, truth["diameter_um"].to_numpy(float) / 2)
     found = m.detection_of_truth >= 0
     true_det = m.truth_of_detection >= 0
     false_det = ~true_det & ~m.duplicate
@@ -272,10 +285,13 @@ def evaluate_tables(
         "truth_by_zone": {z: int((truth_zone == z).sum()) for z in _ordered(set(truth_zone))},
         "zone_source": "scene" if zone_map is not None else "nearest truth cell",
     }
-    for name, table in (("candidates", candidates), ("accepted", cells)):
-        report[name] = _section(table, truth, mpp, zone_map)
+    candidate_matching = _match_table(candidates, truth, mpp)  # used twice: matched once
+    report["candidates"] = _section(candidates, truth, mpp, zone_map, candidate_matching)
+    report["accepted"] = _section(cells, truth, mpp, zone_map, _match_table(cells, truth, mpp))
     if "reason" in candidates.columns and set(TRUTH_FLAWS) <= set(truth.columns):
-        report["filter_vs_truth"] = filter_vs_truth(candidates, truth, mpp, filter_max_blur_um)
+        report["filter_vs_truth"] = filter_vs_truth(
+            candidates, truth, mpp, filter_max_blur_um, matching=candidate_matching
+        )
     return report
 
 
@@ -285,7 +301,11 @@ ACCEPTED = "accepted"  # the row of filter_vs_truth for candidates the filter ke
 
 
 def filter_vs_truth(
-    candidates: pd.DataFrame, truth: pd.DataFrame, mpp: float, filter_max_blur_um: float | None = None
+    candidates: pd.DataFrame,
+    truth: pd.DataFrame,
+    mpp: float,
+    filter_max_blur_um: float | None = None,
+    matching: Matching | None = None,
 ) -> dict[str, Any]:
     """What each reject reason removed, judged by the simulator's truth.
 
@@ -299,6 +319,8 @@ def filter_vs_truth(
         Level-0 pixel size of the slide, um/px.
     filter_max_blur_um
         The filter's focus limit (the default :class:`~pipeline.quality.QualityParams` one when None).
+    matching
+        The candidates' :func:`match` against ``truth`` when the caller has it.
 
     Returns
     -------
@@ -313,15 +335,7 @@ def filter_vs_truth(
     from .quality import QualityParams
     from .simulate.optics import IN_FOCUS_MAX_SIGMA_UM
 
-    det_x = candidates["x_px"].to_numpy(float) * mpp
-    det_y = candidates["y_px"].to_numpy(float) * mpp
-    m = match(
-        det_x,
-        det_y,
-        truth["x_um"].to_numpy(float),
-        truth["y_um"].to_numpy(float),
-        truth["diameter_um"].to_numpy(float) / 2,
-    )
+    m = _match_table(candidates, truth, mpp) if matching is None else matching
     flaws = {
         "out_of_focus": ~truth["in_focus"].to_numpy(bool),
         "touching": truth["touching"].to_numpy(bool),
