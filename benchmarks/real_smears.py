@@ -129,7 +129,8 @@ def voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[float, float, flo
     return boxes
 
 
-def _yolo_boxes(txt: Path, width: int, height: int, cls: int = 0) -> list[tuple[float, float, float, float]]:
+def yolo_boxes(txt: Path, width: int, height: int, cls: int = 0) -> list[tuple[float, float, float, float]]:
+    """Boxes ``(x0, y0, x1, y1)`` of class ``cls`` in a YOLO label file (none if it is missing)."""
     boxes = []
     if not txt.exists():
         return boxes
@@ -182,7 +183,7 @@ def load_source(source: Source, split: str, data: Path = DATA, limit: int | None
         if source.folder == "bccd":
             boxes = voc_boxes(folder / "Annotations" / f"{path.stem}.xml")
         else:
-            boxes = _yolo_boxes(folder / "labels" / f"{path.stem}.txt", w, h)
+            boxes = yolo_boxes(folder / "labels" / f"{path.stem}.txt", w, h)
         photos.append(Photo(path.stem, rgb, _distinct(boxes)))
         if limit is not None and len(photos) >= limit:
             break

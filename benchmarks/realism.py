@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,13 +27,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from benchmarks.real_smears import SOURCES, voc_boxes, yolo_boxes
 from benchmarks.realism_stats import MPP, STATISTICS, Field, field_stats, resample
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CHULA_MPP = 0.18
-BCCD_MPP = 0.072
+BCCD_MPP = SOURCES["bccd"].um_per_px
 #: TXL-PBC sources told apart by image height (SOURCE.md): PBC, Raabin-WBC, BCD.
-TXL_MPP_BY_HEIGHT = {363: 0.106, 369: 0.106, 575: 0.060, 416: 0.099}
+TXL_MPP_BY_HEIGHT = {
+    h: s.um_per_px for s in SOURCES.values() if s.folder == "txl-pbc-train" for _, h in s.sizes
+}
 SPLITS = ("heldout", "calibration", "all")
 SIM_FIELD_PX = (460, 345)  # a chula-rbc field (640 x 480 at 0.18 um/px) at 0.25 um/px
 SIM_WBC_FIELD_PX = 240
@@ -53,10 +55,11 @@ def _read_rgb(path: Path) -> np.ndarray:
 
 
 def _boxes_to_objects(boxes: list[tuple[float, float, float, float]], shape, scale: float, mpp: float):
-    """(cx, cy, w, h) in source px -> (x_px, y_px, diameter_um) at MPP; boxes cut by the border get NaN."""
+    """(x0, y0, x1, y1) in source px -> (x_px, y_px, diameter_um) at MPP; boxes cut by the border get NaN."""
     h, w = shape[:2]
     rows = []
-    for cx, cy, bw, bh in boxes:
+    for x0, y0, x1, y1 in boxes:
+        cx, cy, bw, bh = (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0
         cut = cx - bw / 2 < 2 or cy - bh / 2 < 2 or cx + bw / 2 > w - 2 or cy + bh / 2 > h - 2
         d = math.nan if cut else math.sqrt(bw * bh) * mpp
         rows.append((cx * scale, cy * scale, d))
@@ -93,12 +96,7 @@ def txl_fields(root: Path, split: str, limit: int) -> Iterator[Field]:
             continue
         rgb, scale = resample(raw, mpp)
         h, w = raw.shape[:2]
-        boxes: dict[int, list[tuple[float, float, float, float]]] = {0: [], 1: [], 2: []}
-        for line in label.read_text().split("\n"):
-            parts = line.split()
-            if len(parts) == 5 and int(parts[0]) in boxes:
-                c, cx, cy, bw, bh = int(parts[0]), *map(float, parts[1:])
-                boxes[c].append((cx * w, cy * h, bw * w, bh * h))
+        boxes = {c: yolo_boxes(label, w, h, c) for c in (0, 1, 2)}
         yield Field(
             rgb,
             rbc=_boxes_to_objects(boxes[1], raw.shape, scale, mpp),
@@ -114,21 +112,13 @@ def txl_fields(root: Path, split: str, limit: int) -> Iterator[Field]:
 def bccd_fields(root: Path, split: str, limit: int) -> Iterator[Field]:
     """bccd: Pascal VOC boxes (RBC, WBC, Platelets)."""
     taken = 0
-    pattern = re.compile(
-        r"<name>(\w+)</name>.*?<xmin>(\d+)</xmin>\s*<ymin>(\d+)</ymin>\s*<xmax>(\d+)</xmax>\s*<ymax>(\d+)</ymax>",
-        re.S,
-    )
     for i, path in enumerate(sorted((root / "JPEGImages").glob("*.jpg"))):
         xml = root / "Annotations" / f"{path.stem}.xml"
         if not _in_split(i, split) or not xml.exists():
             continue
         raw = _read_rgb(path)
         rgb, scale = resample(raw, BCCD_MPP)
-        boxes: dict[str, list[tuple[float, float, float, float]]] = {"RBC": [], "WBC": [], "Platelets": []}
-        for name, x0, y0, x1, y1 in pattern.findall(xml.read_text()):
-            if name in boxes:
-                a, b, c, d = (float(v) for v in (x0, y0, x1, y1))
-                boxes[name].append(((a + c) / 2, (b + d) / 2, c - a, d - b))
+        boxes = {name: voc_boxes(xml, name) for name in ("RBC", "WBC", "Platelets")}
         yield Field(
             rgb,
             rbc=_boxes_to_objects(boxes["RBC"], raw.shape, scale, BCCD_MPP),
