@@ -18,6 +18,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from benchmarks.bench_detect import glass_white
+
 MPP = 0.25
 STAINED_OD = 0.15
 #: Red-cell diameter assumed where no box gives it (the sets' pixel sizes assume 7.5 um as well).
@@ -89,14 +91,6 @@ def resample(rgb: np.ndarray, mpp: float) -> tuple[np.ndarray, float]:
     return cv2.resize(rgb, size, interpolation=interp), scale
 
 
-def glass_level(rgb: np.ndarray) -> np.ndarray:
-    """Glass intensity ``I0`` per channel: the median of the brightest 3 % of pixels (by sum)."""
-    flat = rgb.reshape(-1, 3).astype(np.float32)
-    brightness = flat.sum(axis=1)
-    cut = np.percentile(brightness, 97)
-    return np.median(flat[brightness >= cut], axis=0)
-
-
 def optical_density(rgb: np.ndarray, glass: np.ndarray) -> np.ndarray:
     """``-log10(I / I0)`` per channel, float32 ``(h, w, 3)``."""
     return -np.log10(np.maximum(rgb.astype(np.float32), 1.0) / np.maximum(glass, 1.0)).astype(np.float32)
@@ -125,7 +119,7 @@ def field_stats(f: Field) -> dict[str, float]:
     """Every statistic of :data:`STATISTICS` that the field's objects allow (NaN for the others)."""
     out = dict.fromkeys(STATISTICS, math.nan)
     rgb = f.rgb
-    glass = glass_level(rgb)
+    glass = glass_white(rgb)
     od = optical_density(rgb, glass)
     od_sum = od.sum(axis=2)
     stained = od_sum > STAINED_OD
