@@ -38,12 +38,15 @@ always whole. Readers must refuse a gallery whose ``complete`` is not ``true`` o
 
 Writing workflow
 ----------------
-1. The driver calls :func:`create_gallery`; it creates every array and writes the tables.
+1. The driver calls :func:`create_gallery`; it creates every array and writes the tables. A driver
+   that learns which cells to keep only while crops are cut calls :func:`create_gallery_draft`
+   instead, with room for the most cells there can be, and hands the tables to step 3.
 2. Tasks (any process) call :func:`write_shard` with the partial path and a shard index; each call
    writes exactly one whole shard. Concurrent writes to different chunks of one shard lose data
    silently in zarr-python, so never split a shard between tasks.
-3. The driver calls :func:`finalize_gallery`, which checks every shard is on disk, marks the gallery
-   complete and moves it to its final name (atomically swapping out an older gallery on overwrite).
+3. The driver calls :func:`finalize_gallery`, which writes the tables if they are not written yet,
+   checks every shard is on disk, marks the gallery complete and moves it to its final name
+   (atomically swapping out an older gallery on overwrite).
 
 Reading
 -------
@@ -90,6 +93,7 @@ __all__ = [
     "GalleryDraft",
     "ShardReceipt",
     "create_gallery",
+    "create_gallery_draft",
     "finalize_gallery",
     "images_checksum",
     "is_complete",
@@ -157,13 +161,17 @@ class GalleryDraft:
     partial_path : Path
         The hidden sibling directory that holds the gallery while it is written.
     n_cells : int
-        Number of crops (rows of ``images`` and ``cells/``).
+        Number of crops (rows of ``images`` and ``cells/``). For a draft from
+        :func:`create_gallery_draft`, the room for crops until :func:`finalize_gallery` learns the
+        number from the tables.
     crop_px : int
         Height and width of every crop in pixels.
     shard_cells : int
         Cells per shard; shard ``i`` holds rows ``shard_ranges(n_cells, shard_cells)[i]``.
     overwrite : bool
         Whether finalization may replace an existing gallery at ``final_path``.
+    has_tables : bool
+        Whether ``cells/`` and ``candidates/`` are written; if not, :func:`finalize_gallery` writes them.
     """
 
     final_path: Path
@@ -172,6 +180,7 @@ class GalleryDraft:
     crop_px: int
     shard_cells: int
     overwrite: bool
+    has_tables: bool = True
 
     @property
     def n_shards(self) -> int:
@@ -363,18 +372,67 @@ def create_gallery(
         If a table column is missing, misnamed, of the wrong length, or of an unsupported dtype.
     """
     _check_parameters(n_cells, crop_px, shard_cells, compression)
-    n_cells, crop_px, shard_cells = int(n_cells), int(crop_px), int(shard_cells)
+    cell_columns = _prepare_table(cells, int(n_cells), REQUIRED_CELL_COLUMNS, "cells")
+    candidate_columns = _prepare_table(candidates, None, REQUIRED_CANDIDATE_COLUMNS, "candidates")
+    draft = create_gallery_draft(
+        final_path,
+        n_cells,
+        attrs,
+        crop_px=crop_px,
+        shard_cells=shard_cells,
+        compression=compression,
+        overwrite=overwrite,
+    )
+    _write_tables(draft, cell_columns, candidate_columns)
+    return dataclasses.replace(draft, has_tables=True)
+
+
+def create_gallery_draft(
+    final_path: str | os.PathLike[str],
+    max_cells: int,
+    attrs: Mapping[str, Any],
+    *,
+    crop_px: int = DEFAULT_CROP_PX,
+    shard_cells: int = DEFAULT_SHARD_CELLS,
+    compression: Compression = "zstd",
+    overwrite: bool = False,
+) -> GalleryDraft:
+    """Create a gallery draft before its tables are known: the group and an ``images`` array with
+    room for ``max_cells`` crops.
+
+    For writers that decide which cells to keep while they cut crops: shards are written as rows
+    become known (:func:`write_shard` with ``n_cells`` for the last one), and :func:`finalize_gallery`
+    writes the tables and cuts ``images`` to the rows of ``cells/``. Only the driver calls this.
+
+    Parameters
+    ----------
+    final_path : str or PathLike
+        Where the finished gallery will appear, e.g. ``OUT/<slide stem>.zarr``.
+    max_cells : int
+        At least as many crops as the gallery will hold.
+    attrs : Mapping of str to Any
+        Run metadata, as for :func:`create_gallery`.
+    crop_px, shard_cells, compression, overwrite
+        As for :func:`create_gallery`.
+
+    Returns
+    -------
+    GalleryDraft
+        With ``has_tables`` false.
+
+    Raises
+    ------
+    ParameterError, GalleryError
+        As for :func:`create_gallery`.
+    """
+    _check_parameters(max_cells, crop_px, shard_cells, compression)
+    max_cells, crop_px, shard_cells = int(max_cells), int(crop_px), int(shard_cells)
     final = Path(final_path)
     _check_final_path_replaceable(final, overwrite)
-    cell_columns = _prepare_table(cells, n_cells, REQUIRED_CELL_COLUMNS, "cells")
-    candidate_columns = _prepare_table(candidates, None, REQUIRED_CANDIDATE_COLUMNS, "candidates")
-    n_candidates = len(next(iter(candidate_columns.values())))
     root_attrs = _user_attrs(attrs, "attrs") | {
         "format": GALLERY_FORMAT,
         "format_version": GALLERY_FORMAT_VERSION,
         "complete": False,
-        "n_cells": n_cells,
-        "n_candidates": n_candidates,
         "crop_px": crop_px,
         "shard_cells": shard_cells,
         "compression": compression,
@@ -386,12 +444,29 @@ def create_gallery(
         final.parent.mkdir(parents=True, exist_ok=True)
         _remove_tree(partial)
         group = zarr.open_group(partial, mode="w-", zarr_format=3, attributes=root_attrs)
-        _create_images(group, n_cells, crop_px, shard_cells, compression)
-        _write_table(group, "cells", cell_columns)
-        _write_table(group, "candidates", candidate_columns)
+        _create_images(group, max_cells, crop_px, shard_cells, compression)
     except OSError as exc:
         raise GalleryError(f"cannot write gallery {partial}: {exc}; check the output directory") from exc
-    return GalleryDraft(final, partial, n_cells, crop_px, shard_cells, overwrite)
+    return GalleryDraft(final, partial, max_cells, crop_px, shard_cells, overwrite, has_tables=False)
+
+
+def _write_tables(
+    draft: GalleryDraft, cells: Mapping[str, np.ndarray], candidates: Mapping[str, np.ndarray]
+) -> None:
+    """Write both (prepared) tables into a draft, record their sizes, and cut ``images`` to the cells."""
+    n_cells = len(next(iter(cells.values())))
+    n_candidates = len(next(iter(candidates.values())))
+    try:
+        group = zarr.open_group(draft.partial_path, mode="r+", zarr_format=3)
+        images = group[_IMAGES]
+        if images.shape[0] != n_cells:
+            images.resize((n_cells, *images.shape[1:]))
+        _write_table(group, "cells", cells)
+        _write_table(group, "candidates", candidates)
+        group.attrs.update({"n_cells": n_cells, "n_candidates": n_candidates})
+    except OSError as exc:
+        where = draft.partial_path
+        raise GalleryError(f"cannot write gallery {where}: {exc}; check the output directory") from exc
 
 
 def _check_parameters(n_cells: int, crop_px: int, shard_cells: int, compression: str) -> None:
@@ -509,7 +584,9 @@ def _write_table(group: zarr.Group, table: str, columns: Mapping[str, np.ndarray
 # --------------------------------------------------------------------------------------------------
 
 
-def write_shard(partial_path: str | os.PathLike[str], shard_index: int, images: np.ndarray) -> ShardReceipt:
+def write_shard(
+    partial_path: str | os.PathLike[str], shard_index: int, images: np.ndarray, *, n_cells: int | None = None
+) -> ShardReceipt:
     """Write every crop of one shard of a draft gallery in a single call (safe in any process).
 
     Re-running the call for the same shard rewrites it whole, so task retries are safe. Different
@@ -523,6 +600,9 @@ def write_shard(partial_path: str | os.PathLike[str], shard_index: int, images: 
         Index into ``shard_ranges(n_cells, shard_cells)``.
     images : ndarray
         uint8 array of shape ``(stop - start, crop_px, crop_px, 3)`` for that shard's rows.
+    n_cells : int, optional
+        The gallery's final number of cells, for a draft from :func:`create_gallery_draft` whose last
+        shard holds fewer rows than its room; by default the rows of the draft's ``images``.
 
     Returns
     -------
@@ -545,8 +625,10 @@ def write_shard(partial_path: str | os.PathLike[str], shard_index: int, images: 
     # A crop is never all fill value; checking each one for it (zarr's default) costs a third of
     # the write's CPU beyond compression.
     array = group[_IMAGES].with_config({"write_empty_chunks": True})
-    n_cells, crop_px = array.shape[0], array.shape[1]
-    ranges = shard_ranges(n_cells, array.shards[0])
+    rows, crop_px = array.shape[0], array.shape[1]
+    if n_cells is not None and not 0 <= n_cells <= rows:
+        raise ValueError(f"n_cells must be in [0, {rows}] for {path}, got {n_cells!r}")
+    ranges = shard_ranges(rows if n_cells is None else int(n_cells), array.shards[0])
     if not isinstance(shard_index, int | np.integer) or not 0 <= shard_index < len(ranges):
         raise ValueError(f"shard_index must be in [0, {len(ranges)}) for {path}, got {shard_index!r}")
     start, stop = ranges[shard_index]
@@ -581,6 +663,8 @@ def finalize_gallery(
     receipts: Iterable[ShardReceipt] | None = None,
     *,
     verify_data: bool = False,
+    cells: Mapping[str, np.ndarray] | None = None,
+    candidates: Mapping[str, np.ndarray] | None = None,
 ) -> Path:
     """Check every shard is on disk, mark the gallery complete, and move it to its final name.
 
@@ -600,6 +684,9 @@ def finalize_gallery(
         What the :func:`write_shard` calls returned; when given, they must cover every shard once.
     verify_data : bool
         Re-read every shard and compare it with its receipt's checksum (reads the whole gallery).
+    cells, candidates : Mapping of str to ndarray, optional
+        The tables, for a draft from :func:`create_gallery_draft` (and only then), as for
+        :func:`create_gallery`; ``images`` is cut to the rows of ``cells``.
 
     Returns
     -------
@@ -619,6 +706,8 @@ def finalize_gallery(
         raise GalleryError(f"gallery draft {partial} has disappeared; re-run the slide") from exc
     _check_is_draft(partial, dict(group.attrs))
     update = _user_attrs(attrs_update, "attrs_update")
+    draft = _with_tables(draft, cells, candidates)
+    group = zarr.open_group(partial, mode="r+", zarr_format=3)
     _check_shards_on_disk(draft, group[_IMAGES])
     if receipts is not None:
         _check_receipts(draft, group[_IMAGES], list(receipts), verify_data)
@@ -630,6 +719,27 @@ def finalize_gallery(
     group.attrs.update(update | {"finalized_utc": _utc_now(), "complete": True})
     _publish(partial, draft.final_path)
     return draft.final_path
+
+
+def _with_tables(
+    draft: GalleryDraft, cells: Mapping[str, np.ndarray] | None, candidates: Mapping[str, np.ndarray] | None
+) -> GalleryDraft:
+    """The draft with its tables written: those given now, for a draft created without them."""
+    given = cells is not None or candidates is not None
+    if draft.has_tables:
+        if given:
+            raise ValueError(f"gallery draft {draft.partial_path} has its tables; do not pass them again")
+        return draft
+    if cells is None or candidates is None:
+        raise ValueError(f"gallery draft {draft.partial_path} has no tables yet; pass cells and candidates")
+    cell_columns = _prepare_table(cells, None, REQUIRED_CELL_COLUMNS, "cells")
+    candidate_columns = _prepare_table(candidates, None, REQUIRED_CANDIDATE_COLUMNS, "candidates")
+    n_cells = len(next(iter(cell_columns.values())))
+    if n_cells > draft.n_cells:
+        where = draft.partial_path
+        raise ValueError(f"{n_cells} cells do not fit the draft {where}, made for {draft.n_cells}")
+    _write_tables(draft, cell_columns, candidate_columns)
+    return dataclasses.replace(draft, n_cells=n_cells, has_tables=True)
 
 
 def _shard_file(partial: Path, array: zarr.Array, shard_index: int) -> Path:

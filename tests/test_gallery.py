@@ -28,6 +28,7 @@ from pipeline.gallery import (
     REQUIRED_CELL_COLUMNS,
     ShardReceipt,
     create_gallery,
+    create_gallery_draft,
     finalize_gallery,
     images_checksum,
     is_complete,
@@ -219,6 +220,71 @@ def test_empty_gallery_without_candidates(tmp_path: Path) -> None:
     gallery = open_gallery(tmp_path / "s.zarr")
     assert len(gallery.candidates) == 0
     assert gallery.candidates["reason"].tolist() == []
+
+
+# ----------------------------------------------------------------------------------------------
+# A draft made before its tables (rows decided while crops are cut)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_cells", [150, 128, 0], ids=["last-shard-short", "whole-shards", "no-cells"])
+def test_draft_with_room_is_cut_to_the_tables_at_finalization(tmp_path: Path, n_cells: int) -> None:
+    final = tmp_path / "s.zarr"
+    room = 200  # more than will be kept: some shards are never written
+    draft = create_gallery_draft(
+        final, room, {"slide_path": "/data/slide.svs"}, crop_px=CROP_PX, shard_cells=SHARD
+    )
+    assert not draft.has_tables and draft.n_cells == room
+    images = make_images(n_cells)
+    ranges = shard_ranges(n_cells, SHARD)
+    receipts = [
+        # Only the last shard needs the final count: the others are whole either way.
+        write_shard(draft.partial_path, i, images[a:b], n_cells=n_cells if i == len(ranges) - 1 else None)
+        for i, (a, b) in enumerate(ranges)
+    ]
+    finalize_gallery(
+        draft,
+        {"n_accepted": n_cells},
+        receipts,
+        verify_data=True,
+        cells=make_cells(n_cells),
+        candidates=make_candidates(room),
+    )
+    gallery = open_gallery(final)
+    assert gallery.images.shape == (n_cells, CROP_PX, CROP_PX, 3)
+    np.testing.assert_array_equal(gallery.images[:], images)
+    np.testing.assert_array_equal(gallery.cells["x_px"].to_numpy(), make_cells(n_cells)["x_px"])
+    assert len(gallery.candidates) == room
+    assert gallery.attrs["n_cells"] == n_cells and gallery.attrs["n_candidates"] == room
+    assert gallery.attrs["slide_path"] == "/data/slide.svs" and gallery.attrs["n_accepted"] == n_cells
+    shard_files = sorted(p.name for p in (final / "images" / "c").iterdir()) if n_cells else []
+    assert shard_files == [str(i) for i in range(len(ranges))]
+
+
+def test_draft_tables_are_given_once_and_must_fit(tmp_path: Path) -> None:
+    draft = create_gallery_draft(tmp_path / "a.zarr", 10, {}, crop_px=CROP_PX, shard_cells=SHARD)
+    with pytest.raises(ValueError, match="no tables yet"):
+        finalize_gallery(draft)
+    with pytest.raises(ValueError, match="11 cells do not fit"):
+        finalize_gallery(draft, cells=make_cells(11), candidates=make_candidates(11))
+    assert not is_complete(tmp_path / "a.zarr") and draft.partial_path.exists()
+    with pytest.raises(ValueError, match="n_cells must be in"):
+        write_shard(draft.partial_path, 0, make_images(11), n_cells=11)
+    with pytest.raises(ValueError, match="shape"):
+        write_shard(draft.partial_path, 0, make_images(10), n_cells=9)  # the last shard has 9 rows
+
+    full = create_gallery(tmp_path / "b.zarr", 1, make_cells(1), make_candidates(1), {}, crop_px=CROP_PX)
+    write_shard(full.partial_path, 0, make_images(1))
+    with pytest.raises(ValueError, match="has its tables"):
+        finalize_gallery(full, cells=make_cells(1), candidates=make_candidates(1))
+
+
+def test_draft_whose_last_shard_was_never_written_is_refused(tmp_path: Path) -> None:
+    draft = create_gallery_draft(tmp_path / "s.zarr", 200, {}, crop_px=CROP_PX, shard_cells=SHARD)
+    write_shard(draft.partial_path, 0, make_images(SHARD))
+    with pytest.raises(GalleryError, match="1 of 2 shards were never written"):
+        finalize_gallery(draft, cells=make_cells(SHARD + 1), candidates=make_candidates(3))
+    assert not is_complete(tmp_path / "s.zarr")
 
 
 # ----------------------------------------------------------------------------------------------
