@@ -4,9 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from pipeline.engine import ordered_map, scheduler_workers, worker_count
+from pipeline.engine import (
+    TaskQueue,
+    held_rows,
+    ordered_map,
+    ordered_map_holding,
+    scheduler_workers,
+    worker_count,
+)
 from pipeline.errors import SlideError
 
 
@@ -92,7 +100,13 @@ def _opencv_threads(_item: int) -> int:
     return cv2.getNumThreads()
 
 
-def test_local_workers_run_opencv_on_one_thread():
+def _profiler_enabled(_item: int) -> bool:
+    import dask.config
+
+    return bool(dask.config.get("distributed.worker.profile.enabled"))
+
+
+def test_local_workers_run_opencv_on_one_thread_and_no_profiler():
     import os
 
     from pipeline.engine import compute_client
@@ -101,3 +115,53 @@ def test_local_workers_run_opencv_on_one_thread():
         pytest.skip("OpenCV already runs on one thread on a one-core machine")
     with compute_client(2) as c:
         assert set(ordered_map(c, _opencv_threads, range(4))) == {1}
+        assert set(ordered_map(c, _profiler_enabled, range(4))) == {False}
+
+
+# ----------------------------------------------------------------------- results held on the cluster
+def _rows_and_total(item: int, offset: int) -> tuple[int, np.ndarray]:
+    rows = np.arange(item * 10, item * 10 + item + 1) + offset
+    return int(rows.sum()), rows
+
+
+def _joined(parts: list[np.ndarray], tag: str) -> tuple[str, list[int]]:
+    return tag, np.concatenate(parts).tolist()
+
+
+def _fails_on_three(item: int) -> tuple[int, np.ndarray]:
+    if item == 3:
+        raise SlideError("slide.svs: tile 3 cannot be decoded")
+    return item, np.zeros(item)
+
+
+@pytest.mark.parametrize("on_cluster", [True, False], ids=["dask", "in-process"])
+def test_held_results_feed_later_tasks_in_order(client, on_cluster):
+    engine = client if on_cluster else None
+    sums, runs = [], []
+    with TaskQueue(engine, window=2) as queue:
+        for total, held in ordered_map_holding(engine, _rows_and_total, range(5), 1000, window=2):
+            sums.append(total)
+            runs.append(held_rows(engine, held, 1, 1 + total % 2))
+            if len(runs) == 2:
+                queue.submit(_joined, runs, f"pair {len(sums)}")
+                runs = []
+        queue.submit(_joined, runs, "rest")
+        results = queue.results()
+    expected = [_rows_and_total(i, 1000) for i in range(5)]
+    assert sums == [total for total, _ in expected]
+    picked = [rows[1 : 1 + total % 2] for total, rows in expected]
+    assert results == [
+        ("pair 2", np.concatenate(picked[0:2]).tolist()),
+        ("pair 4", np.concatenate(picked[2:4]).tolist()),
+        ("rest", picked[4].tolist()),
+    ]
+
+
+@pytest.mark.parametrize("on_cluster", [True, False], ids=["dask", "in-process"])
+def test_held_map_raises_the_pipelines_own_error(client, on_cluster):
+    engine = client if on_cluster else None
+    seen = []
+    with pytest.raises(SlideError, match="tile 3"):
+        for total, _held in ordered_map_holding(engine, _fails_on_three, range(6), window=2):
+            seen.append(total)
+    assert seen == [0, 1, 2]
