@@ -1,10 +1,11 @@
-"""CPU time per cell of the two full-resolution stages, in one process: re-centring and the crop.
+"""CPU time per cell of the full-resolution stage, in one process: re-centre, judge, crop, write.
 
-Re-runs, on the first ``--cells`` cells of a finished gallery of the slide, exactly the tasks a worker
-runs (``_relocate_task`` on batches of 64 from the overview positions, ``_shard_task`` on shards of the
-gallery's size into a scratch gallery), measures their CPU time (``time.process_time``: every thread of
-the process, zarr's codec threads included), and checks that the new centres, blur and crops are those
-of the gallery, bit for bit (so a gallery written by an older version tells whether its results changed).
+Re-runs, on the first ``--cells`` candidates that a finished gallery of the slide re-centred, exactly
+the stage a run does (``runner._relocate_and_crop`` without a cluster: batches of one shard's size,
+each re-centred and cropped from the same decoded tiles, then written shard by shard into a scratch
+gallery), measures its CPU time (``time.process_time``: every thread of the process, zarr's codec
+threads included), and checks that the new centres, blur, verdicts and crops are those of the gallery,
+bit for bit (so a gallery written by an older version tells whether its results changed).
 
 Usage (from the repository root)::
 
@@ -20,16 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import zarr
 
-from pipeline.gallery import create_gallery, open_gallery
+from pipeline.gallery import create_gallery_draft, open_gallery
 from pipeline.runner import (
     RunParams,
     SlideRef,
     _estimate_task,
-    _relocate_task,
-    _shard_task,
+    _relocate_and_crop,
     plan_slide,
     sample_windows,
     stain_map,
@@ -47,43 +46,38 @@ def main() -> None:
     plan = plan_slide(SlideRef(str(args.slide), None), params)
     estimate = _estimate_task(sample_windows(plan, params.stat_samples, stains=stain_map(plan)), plan)
 
-    relocated = gallery.candidates[gallery.candidates["relocated"]].iloc[: args.cells]
-    overview = pd.DataFrame(
-        {"x_px": relocated["x_overview_px"].to_numpy(), "y_px": relocated["y_overview_px"].to_numpy()},
-        index=relocated.index,
+    # The candidates as detection left them: overview positions, accepted where re-centring was tried
+    # (re-centring only ever rejects a cell as out of focus).
+    candidates = gallery.candidates
+    tried = candidates["accepted"] | (candidates["reason"] == "out_of_focus")
+    done = candidates[tried].iloc[: args.cells]
+    before = done[["layers", "gap_um", "cut"]].assign(
+        x_px=done["x_overview_px"], y_px=done["y_overview_px"], accepted=True
     )
-    started = time.process_time()
-    moved = pd.concat(
-        [_relocate_task(overview.iloc[i : i + 64], plan, estimate) for i in range(0, len(overview), 64)]
-    )
-    relocate_ms = (time.process_time() - started) / len(overview) * 1e3
-    same_centres = np.array_equal(moved["x_px"].to_numpy(), relocated["x_px"].to_numpy()) and np.array_equal(
-        moved["y_px"].to_numpy(), relocated["y_px"].to_numpy()
-    )
-    same_blur = np.array_equal(moved["blur_um"].to_numpy(), relocated["blur_um"].to_numpy(), equal_nan=True)
-
-    cells = gallery.cells.iloc[: args.cells]
     with tempfile.TemporaryDirectory() as tmp:
-        draft = create_gallery(
+        draft = create_gallery_draft(
             Path(tmp) / "scratch.zarr",
-            len(cells),
-            {c: cells[c].to_numpy() for c in cells.columns},
-            {c: gallery.candidates[c].to_numpy() for c in gallery.candidates.columns},
+            len(before),
             {},
             crop_px=int(gallery.attrs["crop_px"]),
             shard_cells=int(gallery.attrs["shard_cells"]),
         )
-        xs, ys = cells["x_px"].to_numpy(), cells["y_px"].to_numpy()
         started = time.process_time()
-        for i, (a, b) in enumerate(draft.shard_ranges()):
-            _shard_task((i, xs[a:b], ys[a:b]), plan, str(draft.partial_path))
-        crop_ms = (time.process_time() - started) / len(cells) * 1e3
-        images = zarr.open_array(draft.partial_path / "images", mode="r")
-        same_crops = all(np.array_equal(images[a:b], gallery.images[a:b]) for a, b in draft.shard_ranges())
+        after, _ = _relocate_and_crop(
+            None, before, plan, estimate, str(draft.partial_path), draft.shard_cells, False, "bench"
+        )
+        ms_per_candidate = (time.process_time() - started) / len(before) * 1e3
+        same = {
+            name: np.array_equal(after[name].to_numpy(), done[name].to_numpy(), equal_nan=name == "blur_um")
+            for name in ("x_px", "y_px", "blur_um", "accepted")
+        }
+        n_cells = int(after["accepted"].sum())
+        first_cells = candidates.loc[: done.index[-1], "cell_index"].max() + 1
+        written = zarr.open_array(draft.partial_path / "images", mode="r")[:n_cells]
+        same["crops"] = n_cells == first_cells and np.array_equal(written, gallery.images[:n_cells])
     print(
-        f"{len(overview)} re-centred: {relocate_ms:.2f} ms CPU per cell (same centres: {same_centres}, "
-        f"same blur: {same_blur}); {len(cells)} crops: {crop_ms:.2f} ms CPU per cell "
-        f"(same pixels: {same_crops})"
+        f"{len(before)} candidates re-centred, {n_cells} cropped: {ms_per_candidate:.2f} ms CPU per "
+        f"candidate; the same as the gallery: " + ", ".join(f"{k} {v}" for k, v in same.items())
     )
 
 

@@ -34,11 +34,11 @@ from tqdm import tqdm
 from . import __version__
 from ._memory import retain_freed_memory
 from ._tile_maps import tile_maps
-from .engine import compute_client, ordered_map, worker_count
+from .engine import TaskQueue, compute_client, held_rows, ordered_map, ordered_map_holding, worker_count
 from .errors import GalleryError, ParameterError, SlideError, is_interrupt, raise_if_interrupted
 from .gallery import (
     DEFAULT_SHARD_CELLS,
-    create_gallery,
+    create_gallery_draft,
     finalize_gallery,
     is_complete,
     open_gallery,
@@ -371,30 +371,52 @@ def _empty_candidates() -> pd.DataFrame:
     return pd.DataFrame({**{c: np.zeros(0) for c in columns}, "cut": np.zeros(0, bool)})
 
 
-def _relocate_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> pd.DataFrame:
+#: Columns a relocation batch carries: the position to start from and what judging needs.
+_BATCH_COLUMNS = ["x_px", "y_px", "layers", "gap_um", "cut"]
+
+
+def _cells_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> tuple[pd.DataFrame, np.ndarray]:
+    """Re-centre accepted candidates at full resolution, judge them again, and cut the crops of those
+    still accepted.
+
+    Both reads of a cell (the search window and the crop inside it) come from the same decoded
+    level-0 tiles, which the slide's tile cache keeps between them.
+
+    Returns
+    -------
+    table : pandas.DataFrame
+        On the batch's index: the new ``x_px``, ``y_px``, ``blur_um``, ``relocated`` and the verdict
+        (``density_ratio``, ``quality``, ``accepted``, ``reason``).
+    crops : numpy.ndarray
+        uint8 ``(n_accepted, crop_px, crop_px, 3)``, in the batch's order.
+    """
     slide = cached_slide(plan.ref)
     crop = plan.params.crop
     half = math.ceil(search_window_half_um(crop) / plan.mpp0)
-    refined: list[Refined] = []
     lut = od_lut(estimate.stains.white_rgb)
-    for x, y in zip(batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), strict=True):
+    x_overview, y_overview = batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float)
+    refined: list[Refined] = []
+    for x, y in zip(x_overview, y_overview, strict=True):
         wx0, wy0 = math.floor(x) - half, math.floor(y) - half
         window = slide.read_region(0, wx0, wy0, 2 * half, 2 * half)
         refined.append(refine_centre(window, plan.mpp0, (x - wx0, y - wy0), estimate.stains, crop, lut))
-    table = relocation_table(refined, batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float), plan.mpp0)
+    table = relocation_table(refined, x_overview, y_overview, plan.mpp0)
     table.index = batch.index
-    return table
-
-
-def _shard_task(shard: tuple[int, np.ndarray, np.ndarray], plan: Plan, partial_path: str) -> Any:
-    index, xs, ys = shard
-    slide = cached_slide(plan.ref)
-    crop = plan.params.crop
-    images = np.empty((len(xs), crop.crop_px, crop.crop_px, 3), dtype=np.uint8)
+    verdict = judge(batch.assign(blur_um=table["blur_um"]), plan.params.quality, estimate.density)
+    accepted = verdict["accepted"].to_numpy()
+    crops = np.empty((int(accepted.sum()), crop.crop_px, crop.crop_px, 3), dtype=np.uint8)
+    xs, ys = table["x_px"].to_numpy()[accepted], table["y_px"].to_numpy()[accepted]
     for i, (x, y) in enumerate(zip(xs, ys, strict=True)):
         left, top = crop_window(float(x), float(y), plan.mpp0, crop)
-        images[i] = slide.read_at_mpp(left, top, crop.crop_px, crop.crop_px, crop.crop_mpp)
-    return write_shard(partial_path, index, images)
+        crops[i] = slide.read_at_mpp(left, top, crop.crop_px, crop.crop_px, crop.crop_mpp)
+    return table.join(verdict), crops
+
+
+def _shard_task(shard: tuple[int, list[np.ndarray], int | None], partial_path: str) -> Any:
+    """Write one shard from consecutive runs of crops (``n_cells``: as for :func:`write_shard`)."""
+    index, parts, n_cells = shard
+    images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return write_shard(partial_path, index, images, n_cells=n_cells)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -576,8 +598,26 @@ def _run_slide_locked(
             )
         with _stage(timings, "quality"):
             candidates = _assemble_candidates(parts, plan, estimate)
-        with _stage(timings, "relocate"):
-            candidates = _relocate(engine, candidates, plan, estimate, progress, slide_path.name)
+        # Room for every candidate accepted so far: re-centring only ever rejects more.
+        draft = create_gallery_draft(
+            final,
+            int(candidates["accepted"].sum()),
+            {},
+            crop_px=params.crop.crop_px,
+            shard_cells=params.shard_cells,
+            overwrite=overwrite or final.exists(),
+        )
+        with _stage(timings, "cells"):
+            candidates, receipts = _relocate_and_crop(
+                engine,
+                candidates,
+                plan,
+                estimate,
+                str(draft.partial_path),
+                params.shard_cells,
+                progress,
+                slide_path.name,
+            )
         notes = slide_warnings(estimate, len(candidates))
         for note in notes:
             warnings.warn(f"{slide_path}: {note}", UserWarning, stacklevel=2)
@@ -588,30 +628,11 @@ def _run_slide_locked(
         candidates.loc[accepted.index, "cell_index"] = np.arange(len(accepted))
         attrs = _attrs(plan, estimate, candidates, tiles, blank)
         attrs["warnings"] = list(notes)
-        # The overview picture needs only the candidates: the driver draws it while workers cut crops.
         overview = _BACKGROUND.submit(_overview_png, plan, candidates.copy())
-        with _stage(timings, "crops"):
-            draft = create_gallery(
-                final,
-                len(cells),
-                _columns(cells),
-                _columns(candidates),
-                attrs,
-                crop_px=params.crop.crop_px,
-                shard_cells=params.shard_cells,
-                overwrite=overwrite or final.exists(),
-            )
-            shards = [
-                (i, cells["x_px"].to_numpy()[a:b], cells["y_px"].to_numpy()[a:b])
-                for i, (a, b) in enumerate(draft.shard_ranges())
-            ]
-            receipts = _map_stage(
-                engine, _shard_task, shards, plan, str(draft.partial_path), desc=f"crops {slide_path.name}",
-                progress=progress,
-            )  # fmt: skip
     timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
     raise_if_interrupted()
-    finalize_gallery(draft, {"timings_s": timings}, receipts)
+    tables = {"cells": _columns(cells), "candidates": _columns(candidates)}
+    finalize_gallery(draft, attrs | {"timings_s": timings}, receipts, **tables)
     try:
         write_file(final.with_name(f"{slide_path.stem}.overview.png"), overview.result())
         _write_contact_sheet(final, slide_path)
@@ -695,30 +716,65 @@ def _assemble_candidates(parts: list[pd.DataFrame], plan: Plan, estimate: SlideE
     return candidates.join(verdict)
 
 
-def _relocate(
-    engine: Any, candidates: pd.DataFrame, plan: Plan, estimate: SlideEstimate, progress: bool, name: str
-) -> pd.DataFrame:
-    """Re-centre accepted candidates at full resolution, measure focus, and judge again."""
+def _relocate_and_crop(
+    engine: Any,
+    candidates: pd.DataFrame,
+    plan: Plan,
+    estimate: SlideEstimate,
+    partial_path: str,
+    shard_cells: int,
+    progress: bool,
+    name: str,
+) -> tuple[pd.DataFrame, list[Any]]:
+    """Re-centre accepted candidates at full resolution, measure focus, judge again, and write the
+    crops of the cells into a draft gallery, shard by shard as their rows become known.
+
+    Returns the candidates with their new positions and verdicts, and the shards' receipts.
+    """
     candidates["x_overview_px"] = candidates["x_px"]
     candidates["y_overview_px"] = candidates["y_px"]
     candidates["relocated"] = False
-    todo = candidates[candidates["accepted"]]
-    batches = [todo.iloc[i : i + 64][["x_px", "y_px"]] for i in range(0, len(todo), 64)]
-    results = _map_stage(
-        engine, _relocate_task, batches, plan, estimate, desc=f"relocate {name}", progress=progress
-    )
-    if results:
-        moved = pd.concat(results)
-        candidates.loc[moved.index, ["x_px", "y_px", "blur_um", "relocated"]] = moved[
-            ["x_px", "y_px", "blur_um", "relocated"]
-        ]
+    todo = candidates.loc[candidates["accepted"], _BATCH_COLUMNS]
+    # A batch per shard: most of a shard's crops are then on the worker that writes it.
+    step = shard_cells
+    batches = [todo.iloc[i : i + step] for i in range(0, len(todo), step)]
+    tables = []
+    # Crops wait on the workers, as slices of the tasks' results, until a shard's rows are complete.
+    waiting: list[Any] = []
+    n_waiting = n_cells = 0
+    window = _window(engine)
+    with (
+        TaskQueue(engine, window) as shards,
+        tqdm(total=len(batches), desc=f"cells {name}", unit="task", disable=not progress, leave=False) as bar,
+    ):
+        for table, crops in ordered_map_holding(engine, _cells_task, batches, plan, estimate, window=window):
+            tables.append(table)
+            n_new, used = int(table["accepted"].sum()), 0
+            while used < n_new:
+                take = min(shard_cells - n_waiting, n_new - used)
+                waiting.append(held_rows(engine, crops, used, used + take))
+                used, n_waiting = used + take, n_waiting + take
+                if n_waiting == shard_cells:
+                    shards.submit(_shard_task, (n_cells // shard_cells, waiting, None), partial_path)
+                    n_cells, waiting, n_waiting = n_cells + n_waiting, [], 0
+            bar.update(1)
+        if waiting:
+            n_cells += n_waiting
+            shards.submit(_shard_task, (n_cells // shard_cells, waiting, n_cells), partial_path)
+        receipts = shards.results()
+    if tables:
+        moved = pd.concat(tables)
+        columns = ["x_px", "y_px", "blur_um", "relocated"]
+        candidates.loc[moved.index, columns] = moved[columns]
     verdict = judge(candidates, plan.params.quality, estimate.density)
     candidates[["quality", "accepted", "reason"]] = verdict[["quality", "accepted", "reason"]]
+    if tables and not np.array_equal(verdict.loc[moved.index, "accepted"], moved["accepted"]):
+        raise AssertionError("cells were cropped by a verdict that differs from the final one")
     candidates["padded"] = [
         is_padded(x, y, plan.mpp0, plan.params.crop, plan.dimensions)
         for x, y in zip(candidates["x_px"], candidates["y_px"], strict=True)
     ]
-    return candidates
+    return candidates, receipts
 
 
 def _cells_table(accepted: pd.DataFrame, candidates: pd.DataFrame, plan: Plan) -> pd.DataFrame:

@@ -34,7 +34,7 @@ from pipeline.gallery import is_complete, open_gallery
 pytestmark = pytest.mark.slow
 
 #: Task name prefixes of the per-tile and per-shard stages (submitted by pipeline.engine.ordered_map).
-TILE_TASKS = ("_detect_tile", "_relocate_task", "_shard_task")
+TILE_TASKS = ("_detect_tile", "_cells_task", "_shard_task")
 #: Small overview tiles so that a 0.6 mm slide makes 9 detection tasks (several per worker).
 RUN_OPTIONS = ["--tile-px", "256", "--quiet"]
 START_TIMEOUT_S = 60.0
