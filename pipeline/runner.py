@@ -4,7 +4,8 @@ Each stage is a plain function of arrays and tables (in :mod:`~pipeline.segment`
 :mod:`~pipeline.quality`, :mod:`~pipeline.relocate`, :mod:`~pipeline.gallery`); this module plans the
 work, hands tasks to the engine (a Dask cluster or this process) and keeps the driver light: tasks get a
 :class:`~pipeline.slide.SlideRef` and coordinates, read pixels themselves, and return small tables. Only
-gallery shards carry pixels, and tasks write them to disk themselves, one whole shard each.
+crops carry pixels: they stay on the workers that cut them until a task writes them into the gallery,
+one whole shard each.
 
 Tiling: the overview is cut into square tiles with a halo wider than any object plus every
 neighbourhood the stages look at; a candidate belongs to the tile whose half-open core holds its
@@ -20,7 +21,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -598,6 +599,8 @@ def _run_slide_locked(
             )
         with _stage(timings, "quality"):
             candidates = _assemble_candidates(parts, plan, estimate)
+        # The overview picture needs the final verdicts; its thumbnail is read while workers work.
+        thumbnail = _BACKGROUND.submit(_overview_thumbnail, plan)
         # Room for every candidate accepted so far: re-centring only ever rejects more.
         draft = create_gallery_draft(
             final,
@@ -628,7 +631,7 @@ def _run_slide_locked(
         candidates.loc[accepted.index, "cell_index"] = np.arange(len(accepted))
         attrs = _attrs(plan, estimate, candidates, tiles, blank)
         attrs["warnings"] = list(notes)
-        overview = _BACKGROUND.submit(_overview_png, plan, candidates.copy())
+        overview = _BACKGROUND.submit(_overview_png, thumbnail, plan, candidates.copy())
     timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
     raise_if_interrupted()
     tables = {"cells": _columns(cells), "candidates": _columns(candidates)}
@@ -836,10 +839,14 @@ def _vendor(ref: SlideRef) -> str:
     return cached_slide(ref).vendor
 
 
-def _overview_png(plan: Plan, candidates: pd.DataFrame) -> bytes:
-    """The slide's thumbnail with every candidate marked, as PNG bytes (written once the gallery is)."""
+def _overview_thumbnail(plan: Plan) -> tuple[np.ndarray, float]:
     with open_slide(plan.ref.path, plan.ref.mpp_override) as slide:
-        thumb, thumb_mpp = slide.thumbnail(2400)
+        return slide.thumbnail(2400)
+
+
+def _overview_png(thumbnail: Future, plan: Plan, candidates: pd.DataFrame) -> bytes:
+    """The slide's thumbnail with every candidate marked, as PNG bytes (written once the gallery is)."""
+    thumb, thumb_mpp = thumbnail.result()
     return png_bytes(overview_picture(thumb, thumb_mpp, plan.mpp0, candidates))
 
 

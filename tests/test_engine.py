@@ -100,13 +100,15 @@ def _opencv_threads(_item: int) -> int:
     return cv2.getNumThreads()
 
 
-def _profiler_enabled(_item: int) -> bool:
+def _profiler_and_tick(_item: int) -> tuple[bool, str]:
     import dask.config
 
-    return bool(dask.config.get("distributed.worker.profile.enabled"))
+    return bool(dask.config.get("distributed.worker.profile.enabled")), dask.config.get(
+        "distributed.admin.tick.interval"
+    )
 
 
-def test_local_workers_run_opencv_on_one_thread_and_no_profiler():
+def test_local_workers_run_opencv_on_one_thread_without_profiler_and_fast_ticks():
     import os
 
     from pipeline.engine import compute_client
@@ -115,7 +117,7 @@ def test_local_workers_run_opencv_on_one_thread_and_no_profiler():
         pytest.skip("OpenCV already runs on one thread on a one-core machine")
     with compute_client(2) as c:
         assert set(ordered_map(c, _opencv_threads, range(4))) == {1}
-        assert set(ordered_map(c, _profiler_enabled, range(4))) == {False}
+        assert set(ordered_map(c, _profiler_and_tick, range(4))) == {(False, "1s")}
 
 
 # ----------------------------------------------------------------------- results held on the cluster
