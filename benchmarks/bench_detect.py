@@ -205,14 +205,16 @@ def decode_floor(
     """Seconds to decode (one core) the overview tiles and the level-0 tiles under the gallery's crops.
 
     With ``relocation_windows`` (default), also the level-0 tiles under the window the pipeline reads
-    to re-centre each relocated cell; without, only what any tool cutting these crops must decode.
+    first to re-centre each accepted candidate (it reads the whole search window for the few whose
+    nucleus reaches that window's edge, which this leaves out); without, only what any tool cutting
+    these crops must decode.
     Returns the best time of ``repeats`` and the number of tiles.
     """
     import imagecodecs
     import tifffile
 
     from pipeline.gallery import open_gallery
-    from pipeline.relocate import CropParams, search_window_half_um
+    from pipeline.relocate import CropParams, search_windows_half_px
 
     gallery = open_gallery(gallery_path)
     overview_level = gallery.attrs["overview"]["level"]
@@ -231,14 +233,18 @@ def decode_floor(
         overview = tiles_of(page, [(ty, tx) for ty in range(n_down) for tx in range(n_across)])
         page0 = levels[0].pages[0]
         wanted: set[tuple[int, int]] = set()
-        # Level-0 tiles under every crop, and under the window read to re-centre each relocated cell
-        # (at its overview position): the pipeline must decode both.
+        # Level-0 tiles under every crop, and under the window read to re-centre each candidate that
+        # passed the overview's quality filter (at its overview position): the pipeline must decode
+        # both. Re-centring rejects only as out of focus.
         crop_half = crop_um / 2 / mpp
-        search_half = search_window_half_um(CropParams(**gallery.attrs["parameters"]["crop"])) / mpp
-        relocated = gallery.candidates[gallery.candidates["relocated"]]
+        first_half, _ = search_windows_half_px(mpp, CropParams(**gallery.attrs["parameters"]["crop"]))
+        candidates = gallery.candidates
+        tried = candidates[candidates["accepted"] | (candidates["reason"] == "out_of_focus")]
         centres = [(gallery.cells["x_px"], gallery.cells["y_px"], crop_half)]
         if relocation_windows:
-            centres.append((relocated["x_overview_px"], relocated["y_overview_px"], search_half))
+            # The window holds pixels floor(x) - half to floor(x) + half - 1.
+            xs, ys = np.floor(tried["x_overview_px"]) - 0.5, np.floor(tried["y_overview_px"]) - 0.5
+            centres.append((xs, ys, first_half - 0.5))
         tw, th = page0.tilewidth, page0.tilelength
         rows, cols = math.ceil(page0.imagelength / th), math.ceil(page0.imagewidth / tw)
         for xs, ys, half in centres:

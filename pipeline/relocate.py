@@ -10,6 +10,7 @@ leaves the slide, which is flagged.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import cv2
@@ -113,6 +114,98 @@ def refine_centre(
         ``found`` is false (and the offset zero) when no nucleus lies within the search radius.
     """
     window_rgb = np.ascontiguousarray(window_rgb, dtype=np.uint8)
+    refined = _refine(window_rgb, mpp, centre_xy, stains, params, od_lut, 0, window_rgb.shape[:2], False)
+    assert refined is not None  # only a part of the search window can leave the answer open
+    return refined
+
+
+def refine_centre_at(
+    read_window: Callable[[int, int, int], np.ndarray],
+    x_px: float,
+    y_px: float,
+    mpp: float,
+    stains: SlideStains,
+    params: CropParams,
+    od_lut: np.ndarray | None = None,
+) -> Refined:
+    """:func:`refine_centre` in the search window around a level-0 position, reading less where it can.
+
+    The search window holds the largest nucleus anywhere in the search radius. Most nuclei are smaller,
+    so a window of :data:`FIRST_WINDOW_HALF_UM` is tried first; its answer is kept only where it cannot
+    differ from the whole window's, bit for bit: the search box and the chosen nucleus, with the margin
+    every filter reaches (:func:`_exact_margins_px`), lie inside it. Otherwise the whole window is read.
+
+    Parameters
+    ----------
+    read_window
+        ``read_window(x0, y0, size)``: the RGB uint8 level-0 square of ``size`` px at ``(x0, y0)``.
+    x_px, y_px
+        The overview centre in level-0 pixels (continuous coordinates).
+    mpp, stains, params, od_lut
+        As for :func:`refine_centre`.
+
+    Returns
+    -------
+    Refined
+        What :func:`refine_centre` returns on the whole search window.
+    """
+    first_half, half = search_windows_half_px(mpp, params)
+    wx0, wy0 = math.floor(x_px) - half, math.floor(y_px) - half
+    centre = (x_px - wx0, y_px - wy0)
+    if first_half < half:
+        k = half - first_half  # the first window's corner in the whole window
+        first = np.ascontiguousarray(read_window(wx0 + k, wy0 + k, 2 * first_half), dtype=np.uint8)
+        refined = _refine(first, mpp, centre, stains, params, od_lut, k, (2 * half, 2 * half), True)
+        if refined is not None:
+            return refined
+    window = np.ascontiguousarray(read_window(wx0, wy0, 2 * half), dtype=np.uint8)
+    return refine_centre(window, mpp, centre, stains, params, od_lut)
+
+
+#: Half-side of the window :func:`refine_centre_at` tries first, um: a nucleus up to about 10 um
+#: across anywhere near the search radius fits.
+FIRST_WINDOW_HALF_UM = 16.0
+
+
+def search_windows_half_px(mpp: float, params: CropParams) -> tuple[int, int]:
+    """Half-sides (px) of the window :func:`refine_centre_at` reads first and of the whole search window.
+
+    Both are centred on the overview position; the first is never larger than the whole.
+    """
+    half = math.ceil(search_window_half_um(params) / mpp)
+    search_edge, _ = _exact_margins_px(mpp, params)
+    # The search box reaches up to 3 px past the radius (pixel edges and the centre's fraction).
+    first = max(math.ceil(FIRST_WINDOW_HALF_UM / mpp), math.ceil(params.search_um / mpp) + 3 + search_edge)
+    return min(first, half), half
+
+
+def _exact_margins_px(mpp: float, params: CropParams) -> tuple[int, int]:
+    """How far inside a part of the search window its search box and its nucleus must stay, px.
+
+    Returns ``(search, nucleus)``. The nucleus mask at a pixel depends on the pixels within the
+    pre-smoothing Gaussian's radius (OpenCV's kernel for float images: 4 sigma) plus twice the
+    closing's radius; the nucleus also needs its 8-connected outline and the blur estimate's margin.
+    """
+    merge_px = max(1, round(params.merge_um / mpp))
+    search = math.ceil(4 * _PRE_SMOOTH_PX) + 2 * merge_px + 1
+    return search, max(search + 1, _BLUR_MARGIN_PX + 1)
+
+
+def _refine(
+    window_rgb: np.ndarray,
+    mpp: float,
+    centre_xy: tuple[float, float],
+    stains: SlideStains,
+    params: CropParams,
+    od_lut: np.ndarray | None,
+    offset_px: int,
+    search_shape: tuple[int, int],
+    part: bool,
+) -> Refined | None:
+    """:func:`refine_centre` on ``window_rgb``, which starts ``offset_px`` down and right of the corner
+    of the search window (``search_shape``); ``centre_xy`` and all arithmetic are in the search
+    window's pixels, so the result is the same to the bit. With ``part``, ``None`` where the answer
+    could differ from the whole search window's."""
     lut = white_lut(stains.white_rgb) if od_lut is None else od_lut
     od = cv2.LUT(window_rgb, lut)
     # The residual's whole length, not only its nuclear component: the nucleus's blue-violet rim counts,
@@ -123,14 +216,24 @@ def refine_centre(
     merge_px = max(1, round(params.merge_um / mpp))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * merge_px + 1, 2 * merge_px + 1))
     merged = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0)
+    k = offset_px
+    lh, lw = merged.shape
+    search_edge, nucleus_edge = _exact_margins_px(mpp, params) if part else (0, 0)
     cx, cy = centre_xy
     # The component closest to the overview centre (by its nearest pixel), within the search radius.
     # Pixels outside the search box are farther than the radius, so only the box is searched.
     search_px = params.search_um / mpp
-    h, w = merged.shape
+    h, w = search_shape
     bx0, by0 = max(0, math.floor(cx - search_px) - 1), max(0, math.floor(cy - search_px) - 1)
     bx1, by1 = min(w, math.ceil(cx + search_px) + 1), min(h, math.ceil(cy + search_px) + 1)
-    yy, xx = np.nonzero(merged[by0:by1, bx0:bx1])
+    if part and not (
+        bx0 - k >= search_edge
+        and by0 - k >= search_edge
+        and bx1 - k <= lw - search_edge
+        and by1 - k <= lh - search_edge
+    ):
+        return None
+    yy, xx = np.nonzero(merged[by0 - k : by1 - k, bx0 - k : bx1 - k])
     if yy.size == 0:
         return Refined(0.0, 0.0, math.nan, False)
     yy, xx = yy + by0, xx + bx0
@@ -141,10 +244,18 @@ def refine_centre(
     # Only the chosen component is needed: an 8-connected flood fill from its nearest pixel costs
     # its own size, where labelling every component costs the whole window.
     _, merged, _, (x0, y0, bw, bh) = cv2.floodFill(
-        merged, None, (int(xx[best]), int(yy[best])), 2, loDiff=0, upDiff=0, flags=8
+        merged, None, (int(xx[best]) - k, int(yy[best]) - k), 2, loDiff=0, upDiff=0, flags=8
     )
+    if part and not (
+        x0 >= nucleus_edge
+        and y0 >= nucleus_edge
+        and x0 + bw <= lw - nucleus_edge
+        and y0 + bh <= lh - nucleus_edge
+    ):
+        return None
     box = (slice(y0, y0 + bh), slice(x0, x0 + bw))
     component = (merged[box] == 2) & (mask[box] > 0)
+    x0, y0 = x0 + k, y0 + k
     if not component.any():  # closing can add pixels at the window border that hold no stain
         return Refined(0.0, 0.0, math.nan, False)
     ys, xs = np.nonzero(component)
@@ -158,7 +269,7 @@ def refine_centre(
     sx1, sy1 = min(w, x0 + bw + m), min(h, y0 + bh + m)
     full = np.zeros((sy1 - sy0, sx1 - sx0), dtype=bool)
     full[y0 - sy0 : y0 - sy0 + bh, x0 - sx0 : x0 - sx0 + bw] = component
-    od_sum = cv2.transform(od[sy0:sy1, sx0:sx1], np.ones((1, 3), np.float32))
+    od_sum = cv2.transform(od[sy0 - k : sy1 - k, sx0 - k : sx1 - k], np.ones((1, 3), np.float32))
     blur_um = _edge_blur_um(od_sum, full, mpp)
     return Refined((new_x - cx) * mpp, (new_y - cy) * mpp, blur_um, True)
 

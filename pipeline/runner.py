@@ -53,12 +53,10 @@ from .qc import gallery_contact_sheet, overview_picture, png_bytes, write_file, 
 from .quality import QualityParams, judge, neighbour_gaps_um, red_cell_layers, ring_features, slide_density
 from .relocate import (
     CropParams,
-    Refined,
     crop_window,
     is_padded,
-    refine_centre,
+    refine_centre_at,
     relocation_table,
-    search_window_half_um,
 )
 from .segment import (
     DEFAULT_RED_CELL_OD,
@@ -393,14 +391,16 @@ def _cells_task(batch: pd.DataFrame, plan: Plan, estimate: SlideEstimate) -> tup
     """
     slide = cached_slide(plan.ref)
     crop = plan.params.crop
-    half = math.ceil(search_window_half_um(crop) / plan.mpp0)
     lut = od_lut(estimate.stains.white_rgb)
     x_overview, y_overview = batch["x_px"].to_numpy(float), batch["y_px"].to_numpy(float)
-    refined: list[Refined] = []
-    for x, y in zip(x_overview, y_overview, strict=True):
-        wx0, wy0 = math.floor(x) - half, math.floor(y) - half
-        window = slide.read_region(0, wx0, wy0, 2 * half, 2 * half)
-        refined.append(refine_centre(window, plan.mpp0, (x - wx0, y - wy0), estimate.stains, crop, lut))
+
+    def read_window(x0: int, y0: int, size: int) -> np.ndarray:
+        return slide.read_region(0, x0, y0, size, size)
+
+    refined = [
+        refine_centre_at(read_window, x, y, plan.mpp0, estimate.stains, crop, lut)
+        for x, y in zip(x_overview, y_overview, strict=True)
+    ]
     table = relocation_table(refined, x_overview, y_overview, plan.mpp0)
     table.index = batch.index
     verdict = judge(batch.assign(blur_um=table["blur_um"]), plan.params.quality, estimate.density)
