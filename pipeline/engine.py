@@ -630,11 +630,14 @@ class TaskQueue:
 
     Arguments may hold handles from :func:`ordered_map_holding`. Without a client, each task runs at
     once, in this process. Use as a context manager: leaving it early cancels what is still queued.
+    The tasks run before any task submitted without a priority (Dask runs higher ``priority`` first):
+    they free what the held results keep in memory.
     """
 
-    def __init__(self, client: Any, window: int = 8) -> None:
+    def __init__(self, client: Any, window: int = 8, priority: int = 1) -> None:
         self._client = client
         self._window = window
+        self._priority = priority
         self._pending: deque[Any] = deque()
         self._results: list[Any] = []
 
@@ -654,7 +657,9 @@ class TaskQueue:
             return
         key = f"{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex}"
         self._pending.append(
-            self._client.submit(_guarded, fn, item, *args, key=key, pure=False, retries=TASK_RETRIES)
+            self._client.submit(
+                _guarded, fn, item, *args, key=key, pure=False, retries=TASK_RETRIES, priority=self._priority
+            )
         )
         while len(self._pending) > self._window:
             self._results.append(_unwrap(self._pending.popleft().result()))
