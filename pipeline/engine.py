@@ -590,7 +590,7 @@ def ordered_map_holding(
             # The handle is the task's own future: a task more per item to split it would cost the
             # scheduler as much as a small task's work.
             both = client.submit(_guarded, fn, item, *shared, key=key, pure=False, retries=TASK_RETRIES)
-            result = client.submit(_part, both, 0, key=f"{key}-result", pure=False, retries=TASK_RETRIES)
+            result = client.submit(_first, both, key=f"{key}-result", pure=False, retries=TASK_RETRIES)
             pending.append((result, both))
             if len(pending) >= window:
                 result, held = pending.popleft()
@@ -619,10 +619,8 @@ def _rows(both: tuple[Any, Any], start: int, stop: int) -> Any:
     return both[1][start:stop]
 
 
-def _part(both: tuple[Any, Any] | _Raised, index: int) -> Any:
-    if isinstance(both, _Raised):
-        return both if index == 0 else None
-    return both[index]
+def _first(both: tuple[Any, Any] | _Raised) -> Any:
+    return both if isinstance(both, _Raised) else both[0]
 
 
 class TaskQueue:
