@@ -78,6 +78,7 @@ import pandas as pd
 import zarr
 from zarr.codecs import ZstdCodec
 
+from pipeline import _zarr_shard
 from pipeline.errors import GalleryError, ParameterError
 
 __all__ = [
@@ -633,7 +634,12 @@ def write_shard(
         raise ValueError(f"shard_index must be in [0, {len(ranges)}) for {path}, got {shard_index!r}")
     start, stop = ranges[shard_index]
     _check_shard_images(images, (stop - start, crop_px, crop_px, 3), shard_index)
-    array[start:stop] = images
+    layout = _zarr_shard.shard_layout(array)
+    if layout is None:
+        array[start:stop] = images
+    else:  # the same bytes as zarr's write, for a third of the CPU beyond compression (_zarr_shard)
+        shard = _zarr_shard.encode_shard(images, layout)
+        _zarr_shard.write_file_atomically(_shard_file(path, array, shard_index), shard)
     return ShardReceipt(int(shard_index), start, stop, images_checksum(images))
 
 

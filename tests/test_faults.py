@@ -612,20 +612,32 @@ def _run_in_read_only_mount(folder: Path, *args: str) -> tuple[int, str]:
 
 @contextmanager
 def disk_full(monkeypatch: pytest.MonkeyPatch, only: str) -> Iterator[list[str]]:
-    """Make zarr's file writes whose path contains ``only`` fail with ENOSPC; yields the paths refused."""
+    """Make the gallery's file writes (zarr's, and the shard files it writes itself) whose path
+    contains ``only`` fail with ENOSPC; yields the paths refused."""
     import zarr.storage._local as local_store
 
+    import pipeline._zarr_shard as shard_files
+
     refused: list[str] = []
-    put = local_store._put
+    put, write_shard_file = local_store._put, shard_files.write_file_atomically
+
+    def refuse(path: Path) -> None:
+        refused.append(str(path))
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
     def full(path: Path, value: Any, exclusive: bool = False) -> int:
         if only in str(path):
-            refused.append(str(path))
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            refuse(path)
         return put(path, value, exclusive=exclusive)
+
+    def full_shard(path: Path, data: bytes) -> None:
+        if only in str(path):
+            refuse(path)
+        write_shard_file(path, data)
 
     with monkeypatch.context() as patch:
         patch.setattr(local_store, "_put", full)
+        patch.setattr(shard_files, "write_file_atomically", full_shard)
         yield refused
 
 

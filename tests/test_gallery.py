@@ -288,6 +288,53 @@ def test_draft_whose_last_shard_was_never_written_is_refused(tmp_path: Path) -> 
 
 
 # ----------------------------------------------------------------------------------------------
+# Shard files written in one pass (pipeline/_zarr_shard.py): zarr's bytes exactly
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("compression", ["zstd", "none"])
+@pytest.mark.parametrize("rows", [SHARD, 37], ids=["whole-shard", "short-last-shard"])
+def test_shard_files_are_byte_for_byte_what_zarr_writes(tmp_path: Path, compression: str, rows: int) -> None:
+    # Crops with structure (smooth gradients and flat patches), as zstd sees real ones.
+    yy, xx = np.mgrid[:CROP_PX, :CROP_PX]
+    images = np.stack([(yy * 7 + xx * (i % 5) + i) % 256 for i in range(rows)]).astype(np.uint8)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    images[::3, :4] = 255
+    written = []
+    for by_zarr in (False, True):
+        draft = create_gallery_draft(
+            tmp_path / f"{by_zarr}.zarr",
+            SHARD + rows,
+            {},
+            crop_px=CROP_PX,
+            shard_cells=SHARD,
+            compression=compression,
+        )
+        if by_zarr:
+            zarr.open_array(draft.partial_path / "images", mode="r+")[SHARD : SHARD + rows] = images
+        else:
+            assert (
+                gallery_module._zarr_shard.shard_layout(zarr.open_array(draft.partial_path / "images"))
+                is not None
+            )
+            write_shard(draft.partial_path, 1, images, n_cells=SHARD + rows)
+        written.append((draft.partial_path / "images" / "c" / "1" / "0" / "0" / "0").read_bytes())
+        np.testing.assert_array_equal(zarr.open_array(draft.partial_path / "images")[SHARD:], images)
+    assert written[0] == written[1]
+
+
+def test_shard_files_fall_back_to_zarr_for_a_layout_they_do_not_know(tmp_path: Path) -> None:
+    group = zarr.open_group(tmp_path / "g.zarr", mode="w", zarr_format=3)
+    other = group.create_array(
+        "images", shape=(4, CROP_PX, CROP_PX, 3), dtype="uint8", chunks=(2, CROP_PX, CROP_PX, 3),
+        shards=(4, CROP_PX, CROP_PX, 3),
+    )  # fmt: skip
+    assert gallery_module._zarr_shard.shard_layout(other) is None
+    unsharded = group.create_array("plain", shape=(4, CROP_PX, CROP_PX, 3), dtype="uint8")
+    assert gallery_module._zarr_shard.shard_layout(unsharded) is None
+
+
+# ----------------------------------------------------------------------------------------------
 # Parallel writers
 # ----------------------------------------------------------------------------------------------
 
