@@ -608,11 +608,12 @@ def held_rows(client: Any, held: Any, start: int, stop: int) -> Any:
     """Rows ``start:stop`` of an array held by :func:`ordered_map_holding`, held where it is.
 
     Pass the result in a later task's arguments: Dask hands the task the rows, and moves only them, not
-    the whole array, if the task runs on another worker.
+    the whole array, if the task runs on another worker. The cut runs before tasks submitted without a
+    priority, so that the tasks waiting for it are not held up behind them.
     """
     if client is None:
         return held[start:stop]
-    return client.submit(_rows, held, start, stop, pure=False, retries=TASK_RETRIES)
+    return client.submit(_rows, held, start, stop, pure=False, retries=TASK_RETRIES, priority=1)
 
 
 def _rows(both: tuple[Any, Any], start: int, stop: int) -> Any:

@@ -750,7 +750,9 @@ def _relocate_and_crop(
     n_waiting = n_cells = 0
     window = _window(engine)
     with (
-        TaskQueue(engine, window) as shards,
+        # Room for more shard writes than relocation tasks in flight: the driver, waiting on a shard,
+        # would stop feeding the workers relocation tasks.
+        TaskQueue(engine, 2 * window) as shards,
         tqdm(total=len(batches), desc=f"cells {name}", unit="task", disable=not progress, leave=False) as bar,
     ):
         for table, crops in ordered_map_holding(engine, _cells_task, batches, plan, estimate, window=window):
