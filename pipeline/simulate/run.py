@@ -18,7 +18,8 @@ import shutil
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
@@ -274,7 +275,7 @@ def simulate_slide(
 
         bar = tqdm(total=len(chunks), desc=f"simulate {out.name}", unit="chunk", disable=not progress)
         active = client if client is not None else cluster.enter_context(_local_client(workers))
-        bands = _Bands(active, level1, reduce=len(sizes) > 2)
+        bands = _Bands(active, level1, sizes[2] if len(sizes) > 2 else None)
 
         def level0_tiles(task_results: Iterator[list[_ChunkResult]]) -> Iterator[bytes]:
             row: list[_ChunkResult] = []
@@ -314,7 +315,7 @@ def simulate_slide(
             # Stopping the local workers takes a few tenths of a second: it runs while the driver
             # writes the reduced levels and the truth.
             closing = closer.submit(cluster.close)
-            levels = _write_reduced_levels(svs, encoded, level1, sizes)
+            levels = _write_reduced_levels(svs, encoded, bands.level2, level1, sizes)
         truth, summary = _truth_tables(model, collected, placement, preset, seed, levels)
         summary = {"slide": out.name, **summary}  # evaluate checks that a gallery's truth is its slide's
         truth.to_csv(truth_path.with_name(truth_path.name + ".partial"), index=False)
@@ -391,47 +392,64 @@ def _local_client(workers: int) -> Iterator[object]:
 
 
 class _Bands:
-    """Level-1 bands, each handed to :func:`encode_band` as soon as the render has written its rows."""
+    """Level-1 bands, each handed to :func:`encode_band` as soon as the render has written its rows.
 
-    def __init__(self, client: object | None, store: Level1Store, reduce: bool):
-        self._client, self._store, self._reduce = client, store, reduce
+    Their level-2 rows are gathered into one array as the bands finish, so that no worker holds them
+    until the end (level 2 is 1/256 of level 0: 75 MB for a 20 x 20 mm slide).
+    """
+
+    def __init__(self, client: object | None, store: Level1Store, level2_size: tuple[int, int] | None):
+        self._client, self._store = client, store
+        self._reduce = level2_size is not None
+        self.level2 = None if level2_size is None else np.empty((*level2_size[::-1], 3), dtype=np.uint8)
         self._waiting = list(band_starts(store.height))
-        self._handed: list[Callable[[], EncodedBand]] = []
+        self._handed: deque[tuple[int, object]] = deque()  # (first row, future or band), in order
+        self._gathered: list[EncodedBand] = []
 
     def rendered(self, level1_rows: int) -> None:
         """The render has written level-1 rows [0, ``level1_rows``): encode the bands they complete."""
         while self._waiting and min(self._waiting[0] + BAND_PX, self._store.height) <= level1_rows:
             y0 = self._waiting.pop(0)
             if self._client is None:
-                band = encode_band(y0, self._store, self._reduce)
-                self._handed.append(lambda band=band: band)
+                self._handed.append((y0, encode_band(y0, self._store, self._reduce)))
             else:
                 # Ahead of render tasks submitted earlier: a band's tiles wait in no queue, and the
                 # last band is all that remains to do once the render ends.
                 future = self._client.submit(  # type: ignore[attr-defined]
                     encode_band, y0, self._store, self._reduce, pure=False, retries=TASK_RETRIES, priority=1
                 )
-                self._handed.append(future.result)
+                self._handed.append((y0, future))
+        self._gather(wait=False)
+
+    def _gather(self, wait: bool) -> None:
+        while self._handed:
+            y0, handle = self._handed[0]
+            if not isinstance(handle, EncodedBand) and not (wait or handle.done()):  # type: ignore[attr-defined]
+                return
+            band = handle if isinstance(handle, EncodedBand) else handle.result()  # type: ignore[attr-defined]
+            self._handed.popleft()
+            if self.level2 is not None:
+                small = cast(np.ndarray, band.reduced)
+                self.level2[y0 // 4 : y0 // 4 + small.shape[0]] = small[: self.level2.shape[0] - y0 // 4]
+            self._gathered.append(EncodedBand(band.path, band.lengths, None))
 
     def results(self) -> list[EncodedBand]:
-        """Every band, in order (after the whole level has been rendered)."""
+        """Every band, in order (after the whole level has been rendered); level 2 is then complete."""
         if self._waiting:
             raise RuntimeError(f"{len(self._waiting)} level-1 band(s) never rendered")
-        return [result() for result in self._handed]
+        self._gather(wait=True)
+        return self._gathered
 
 
 def _write_reduced_levels(
-    svs: SvsWriter, bands: list[EncodedBand], level1: Level1Store, sizes: list[tuple[int, int]]
+    svs: SvsWriter,
+    bands: list[EncodedBand],
+    level2: np.ndarray | None,
+    level1: Level1Store,
+    sizes: list[tuple[int, int]],
 ) -> list[tuple[int, int]]:
-    """Write the thumbnail, level 1 from its encoded bands, and smaller levels."""
-    pyramid: list[np.ndarray] = []
-    if len(sizes) > 2:
-        # Level 2 is 1/16 of level 1's pixels: small enough to hold (75 MB for a 20 x 20 mm slide).
-        finer = np.empty((sizes[2][1], sizes[2][0], 3), dtype=np.uint8)
-        for y0, band in zip(band_starts(level1.height), bands, strict=True):
-            small = cast(np.ndarray, band.reduced)  # bands are reduced when there is a level 2
-            finer[y0 // 4 : y0 // 4 + small.shape[0]] = small[: finer.shape[0] - y0 // 4]
-        pyramid.append(finer)
+    """Write the thumbnail, level 1 from its encoded bands, and level 2 and smaller."""
+    pyramid = [] if level2 is None else [level2]
     for _ in sizes[3:]:
         pyramid.append(reduce4(pyramid[-1]))
     smallest = pyramid[-1] if pyramid else level1.rows(0, level1.height)
