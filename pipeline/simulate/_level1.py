@@ -127,19 +127,24 @@ def encode_band(y0: int, store: Level1Store, reduce: bool) -> EncodedBand:
     -------
     EncodedBand
     """
-    rows = store.rows(y0, y0 + BAND_PX)
-    # The tiles a TIFF writer would cut from the whole level: full width, padded white at the edges.
-    tiles = [
-        encode_tile(tile)
-        for t in range(0, rows.shape[0], TILE_PX)
-        for tile in tiles_of(rows[t : t + TILE_PX])
-    ]
+    height = min(BAND_PX, store.height - y0)
+    # A tile row at a time (a quarter of the band's memory in the worker), unless the band's last rows
+    # are no multiple of 4: its reduction then averages across tile rows and needs the band whole.
+    strip = TILE_PX if height % 4 == 0 else height
+    lengths: list[int] = []
+    reduced: list[np.ndarray] = []
     path = os.path.join(store.folder, f"band_{y0}.jpg-tiles")
     with open(path + ".partial", "wb") as f:  # a rerun of the task replaces it
-        for tile in tiles:
-            f.write(tile)
+        for top in range(y0, y0 + height, strip):
+            rows = store.rows(top, top + strip)
+            # The tiles a TIFF writer cuts from the whole level: full width, padded white at the edges.
+            for t in range(0, rows.shape[0], TILE_PX):
+                for tile in tiles_of(rows[t : t + TILE_PX]):
+                    lengths.append(f.write(encode_tile(tile)))
+            if reduce:
+                reduced.append(reduce4(rows))
     os.replace(path + ".partial", path)
-    return EncodedBand(path, tuple(len(t) for t in tiles), reduce4(rows) if reduce else None)
+    return EncodedBand(path, tuple(lengths), np.concatenate(reduced) if reduce else None)
 
 
 def reduce4(image: np.ndarray) -> np.ndarray:
