@@ -262,11 +262,14 @@ def simulate_slide(
             for x0 in range(0, n_tx * TILE_PX, chunk_px)
         ]
         per_row = math.ceil(n_tx * TILE_PX / chunk_px)
-        # Tasks never straddle two rows, so a row's results arrive from whole tasks.
+        # Tasks never straddle two rows, so a row's results arrive from whole tasks. The last row goes a
+        # chunk per task: the workers then run out of work together, not up to a long task apart.
+        last_row = len(chunks) - per_row
         tasks = [
-            tuple(chunks[row + i : row + min(i + CHUNKS_PER_TASK, per_row)])
+            tuple(chunks[row + i : row + min(i + step, per_row)])
             for row in range(0, len(chunks), per_row)
-            for i in range(0, per_row, CHUNKS_PER_TASK)
+            for step in [1 if row == last_row else CHUNKS_PER_TASK]
+            for i in range(0, per_row, step)
         ]
         tasks_per_row = math.ceil(per_row / CHUNKS_PER_TASK)
         collected: list[_ChunkResult] = []
