@@ -317,3 +317,21 @@ def test_reduced_levels_are_the_rendered_pixels_reduced(tmp_path, workers, heigh
     thumbnail = tifffile.imread(result.slide_path, key=1).astype(int)
     # JPEG at quality 90, with its colour at half resolution, of an image only 19 px wide
     assert np.abs(thumbnail - thumbnail_from(level2)).mean() < 5.0
+
+
+def test_local_workers_start_with_the_renderer_imported():
+    """simulate_slide's local workers are forked from a server that imported Dask and the renderer once,
+    rather than each importing them after the cluster is up."""
+    from pipeline.simulate.run import _local_client, _start_worker_server
+
+    def renderer_imported() -> bool:
+        import sys
+
+        return "pipeline.simulate.run" in sys.modules
+
+    forked = _start_worker_server()
+    assert forked  # Linux: there is a fork server
+    with _local_client(2, forked) as client:
+        client.wait_for_workers(2)
+        imported = client.run(renderer_imported)  # before any task could have imported it
+    assert list(imported.values()) == [True, True]

@@ -236,8 +236,7 @@ def simulate_slide(
     if placement not in PLACEMENTS:
         raise ParameterError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
     blood = get_preset(preset)
-    if client is None and workers > 0:
-        _start_worker_server()
+    forked = client is None and workers > 0 and _start_worker_server()
     width_px = round(width_mm * 1000.0 / mpp)
     height_px = round(height_mm * 1000.0 / mpp)
     chosen = parse_artefacts(artefacts)
@@ -277,7 +276,7 @@ def simulate_slide(
         from tqdm import tqdm
 
         bar = tqdm(total=len(chunks), desc=f"simulate {out.name}", unit="chunk", disable=not progress)
-        active = client if client is not None else cluster.enter_context(_local_client(workers))
+        active = client if client is not None else cluster.enter_context(_local_client(workers, forked))
         bands = _Bands(active, level1, sizes[2] if len(sizes) > 2 else None)
 
         def level0_tiles(task_results: Iterator[list[_ChunkResult]]) -> Iterator[bytes]:
@@ -354,14 +353,18 @@ def _import_pandas() -> None:
 _WORKER_PRELOAD = ("distributed", "pipeline._local_worker", "pipeline.simulate.run")
 
 
-def _start_worker_server() -> None:
-    """Start the process local workers are forked from, and let it import their modules now.
+def _start_worker_server() -> bool:
+    """Start the process local workers are forked from, and let it import their modules now (False
+    where there is no fork server: Windows).
 
     Spawned workers each import Dask and the renderer (about 0.7 CPU-s apiece) only once the cluster
     is up; forked from this server, they start at once, and the one import runs while the driver
     imports and plans, on a core that would otherwise wait.
     """
     import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
     from multiprocessing import forkserver
 
     # The thread limits Dask's nanny sets for the workers it spawns (distributed.nanny.pre-spawn-environ):
@@ -370,26 +373,28 @@ def _start_worker_server() -> None:
         os.environ.setdefault(name, "1")
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(_WORKER_PRELOAD))
     forkserver.ensure_running()
+    return True
 
 
 @contextmanager
-def _local_client(workers: int) -> Iterator[object]:
-    """A local cluster of ``workers`` processes (None for 0: render in this process)."""
+def _local_client(workers: int, forked: bool) -> Iterator[object]:
+    """A local cluster of ``workers`` processes (None for 0: render in this process), forked from the
+    server :func:`_start_worker_server` started if ``forked``."""
     import dask.config
     import distributed  # noqa: F401  (its defaults must be loaded before the override,
     # or leaving the override removes the whole 'distributed' section of the config)
 
     # Dask's statistical profiler samples every worker thread 100 times a second; nobody reads it here
     # (measured: 0.4 of ~12 CPU-s per worker on a 5 x 5 mm slide).
-    settings = {
+    settings: dict[str, object] = {
         "distributed.worker.profile.enabled": False,
         # Every scheduler, nanny and worker times its event loop each tick, 50 times a second by
         # default, only to warn when the loop is blocked for seconds: once a second is enough (measured
         # on an idle cluster: 0.015 CPU-s less per second and process, ~0.4 of a 5 x 5 mm slide's 19).
         "distributed.admin.tick.interval": "1s",
-        # Workers forked from the server _start_worker_server started (spawned ones import everything).
-        "distributed.worker.multiprocessing-method": "forkserver",
     }
+    if forked:  # spawned workers would import everything themselves
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
     with dask.config.set(settings), compute_client(workers) as client:
         yield client
 
