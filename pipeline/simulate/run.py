@@ -326,11 +326,14 @@ def simulate_slide(
         os.replace(truth_path.with_name(truth_path.name + ".partial"), truth_path)
         os.replace(summary_path.with_name(summary_path.name + ".partial"), summary_path)
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        closer.shutdown()  # first: the cluster may be closing in it
+        # The cluster learns of the failure (compute_client then keeps Dask's shutdown noise quiet).
+        cluster.__exit__(type(exc), exc, exc.__traceback__)
         raise
     finally:
-        closer.shutdown()  # first: the cluster may be closing in it
+        closer.shutdown()
         cluster.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return SimulationResult(
