@@ -5,7 +5,8 @@ Usage (from the repository root)::
     python -m benchmarks.bench_simulate --sizes 5 10 --workers 2
 
 Each size runs ``python -m pipeline simulate`` in a fresh process; memory is the peak summed RSS of the
-driver and its Dask workers, sampled every 0.1 s. Flat memory from 5 x 5 to 10 x 10 mm shows that
+driver, the server local workers are forked from and the Dask workers, sampled every 0.1 s (pages a
+worker shares with that server count in both). Flat memory from 5 x 5 to 10 x 10 mm shows that
 rendering streams tile by tile (target: under 1.5 GB for 20 x 20 mm).
 
 Throughput per core is given two ways: wall-clock Mpx/s divided by the workers (the target, >= 20 Mpx/s

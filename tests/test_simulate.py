@@ -259,3 +259,79 @@ def test_blur_of_a_region_equals_the_same_pixels_of_a_larger_one():
         ]
         part = apply_blur(np.ascontiguousarray(sub), sub_halo, sub_index, mpp)
         assert np.array_equal(part, whole[y0 : y0 + sh, x0 : x0 + sw]), (y0, x0)
+
+
+def _raw_tiles(path, page: int) -> list[bytes]:
+    """The stored (still encoded) tiles of one page of a TIFF, in order."""
+    with tifffile.TiffFile(path) as tif:
+        pg, fh = tif.pages[page], tif.filehandle
+        tiles = []
+        for offset, count in zip(pg.dataoffsets, pg.databytecounts, strict=True):
+            fh.seek(offset)
+            tiles.append(fh.read(count))
+        return tiles
+
+
+@pytest.mark.parametrize(
+    ("workers", "height_px"),
+    [(0, 4 * (1024 + 32)), (2, 4 * (1024 + 32)), (2, 4 * (1024 + 301) - 3)],
+)
+def test_reduced_levels_are_the_rendered_pixels_reduced(tmp_path, workers, height_px):
+    """Level 1 is encoded a band at a time as the render goes (on the workers when there are some): its
+    tiles are, to the byte, those of the whole rendered level 0 reduced 4x and cut into tiles; level 2
+    is that level reduced 4x in bands of 1024 rows, and the thumbnail that reduced again. Two bands
+    (1056 or 1325 level-1 rows: the last band's rows a multiple of 4 or not) and pieces of 128 px, so
+    each band is read back from many chunks, some rendered by each worker."""
+    import cv2
+
+    from pipeline.simulate.presets import parse_artefacts
+    from pipeline.simulate.svs import encode_tile, thumbnail_from, tiles_of
+
+    mpp, width_px = 1.0, 300
+    result = simulate_slide(
+        tmp_path / "s.svs",
+        width_mm=width_px * mpp / 1000,
+        height_mm=height_px * mpp / 1000,
+        seed=5,
+        mpp=mpp,
+        placement="across",
+        workers=workers,
+        chunk_px=512,
+        progress=False,
+    )
+    model = SlideModel(
+        SceneSpec(width_px, height_px, mpp, 5, get_preset("normal"), "across", parse_artefacts("all"))
+    )
+    tiled_px = -(-height_px // 256) * 256
+    padded = render_region(model, 0, 0, 512, tiled_px).rgb  # whole tiles, as the chunks render them
+    level1 = cv2.resize(padded, (512 // 4, tiled_px // 4), interpolation=cv2.INTER_AREA)
+    level1 = level1[: -(-height_px // 4), : width_px // 4]
+    assert _raw_tiles(result.slide_path, 2) == [encode_tile(t) for t in tiles_of(level1)]
+    level2 = np.concatenate(
+        [
+            cv2.resize(band, (19, -(-band.shape[0] // 4)), interpolation=cv2.INTER_AREA)  # 19: ceil(75 / 4)
+            for band in (level1[y : y + 1024] for y in range(0, level1.shape[0], 1024))
+        ]
+    )
+    assert _raw_tiles(result.slide_path, 3) == [encode_tile(t) for t in tiles_of(level2)]
+    thumbnail = tifffile.imread(result.slide_path, key=1).astype(int)
+    # JPEG at quality 90, with its colour at half resolution, of an image only 19 px wide
+    assert np.abs(thumbnail - thumbnail_from(level2)).mean() < 5.0
+
+
+def test_local_workers_start_with_the_renderer_imported():
+    """simulate_slide's local workers are forked from a server that imported Dask and the renderer once,
+    rather than each importing them after the cluster is up."""
+    from pipeline.simulate.run import _local_client, _start_worker_server
+
+    def renderer_imported() -> bool:
+        import sys
+
+        return "pipeline.simulate.run" in sys.modules
+
+    forked = _start_worker_server()
+    assert forked  # Linux: there is a fork server
+    with _local_client(2, forked) as client:
+        client.wait_for_workers(2)
+        imported = client.run(renderer_imported)  # before any task could have imported it
+    assert list(imported.values()) == [True, True]

@@ -3,7 +3,8 @@
 Memory stays flat with slide size: workers render square chunks (a multiple of 256 px), JPEG-encode
 their level-0 tiles and write their 4x-reduced pixels straight into a temporary on-disk array (each
 chunk owns its own file); the driver only receives encoded tiles, a chunk row at a time, in the
-order the TIFF needs. Reduced levels are then built from the temporary array band by band.
+order the TIFF needs. Level-1 tiles are encoded on the cluster too, a band at a time as soon as the
+render has covered it (see :mod:`._level1`); the driver keeps only level 2 and smaller.
 
 Outputs appear only when whole: everything is written under ``*.partial`` names and renamed at the end.
 """
@@ -15,19 +16,23 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import cv2
 import numpy as np
 
 from .. import __version__
-from ..engine import compute_client, ordered_map
+from ..engine import TASK_RETRIES, compute_client, ordered_map
 from ..errors import ParameterError
-from ._level1 import Level1Store
+from ._level1 import BAND_PX, EncodedBand, Level1Store, band_starts, encode_band, reduce4
 from .cells import MLL23_CLASSES
 from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
 from .presets import get_preset, parse_artefacts
@@ -231,6 +236,7 @@ def simulate_slide(
     if placement not in PLACEMENTS:
         raise ParameterError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
     blood = get_preset(preset)
+    forked = client is None and workers > 0 and _start_worker_server()
     width_px = round(width_mm * 1000.0 / mpp)
     height_px = round(height_mm * 1000.0 / mpp)
     chosen = parse_artefacts(artefacts)
@@ -243,6 +249,8 @@ def simulate_slide(
     workdir = out.with_name(f".{stem}.simulate.tmp")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir()
+    cluster = ExitStack()  # the local cluster, when this call starts one
+    closer = ThreadPoolExecutor(max_workers=1)
     try:
         sizes = pyramid_sizes(width_px, height_px)
         level1 = Level1Store.create(workdir / "level1", sizes[1][0], sizes[1][1], chunk_px)
@@ -253,11 +261,14 @@ def simulate_slide(
             for x0 in range(0, n_tx * TILE_PX, chunk_px)
         ]
         per_row = math.ceil(n_tx * TILE_PX / chunk_px)
-        # Tasks never straddle two rows, so a row's results arrive from whole tasks.
+        # Tasks never straddle two rows, so a row's results arrive from whole tasks. The last row goes a
+        # chunk per task: the workers then run out of work together, not up to a long task apart.
+        last_row = len(chunks) - per_row
         tasks = [
-            tuple(chunks[row + i : row + min(i + CHUNKS_PER_TASK, per_row)])
+            tuple(chunks[row + i : row + min(i + step, per_row)])
             for row in range(0, len(chunks), per_row)
-            for i in range(0, per_row, CHUNKS_PER_TASK)
+            for step in [1 if row == last_row else CHUNKS_PER_TASK]
+            for i in range(0, per_row, step)
         ]
         tasks_per_row = math.ceil(per_row / CHUNKS_PER_TASK)
         collected: list[_ChunkResult] = []
@@ -265,9 +276,12 @@ def simulate_slide(
         from tqdm import tqdm
 
         bar = tqdm(total=len(chunks), desc=f"simulate {out.name}", unit="chunk", disable=not progress)
+        active = client if client is not None else cluster.enter_context(_local_client(workers, forked))
+        bands = _Bands(active, level1, sizes[2] if len(sizes) > 2 else None)
 
         def level0_tiles(task_results: Iterator[list[_ChunkResult]]) -> Iterator[bytes]:
             row: list[_ChunkResult] = []
+            rows_done = 0
             for result in (r for results in task_results for r in results):
                 row.append(result)
                 bar.update(1)
@@ -278,6 +292,13 @@ def simulate_slide(
                 collected.extend(
                     _ChunkResult([], r.cells, r.red_cells, r.platelets, r.red_cell_zones) for r in row
                 )
+                if not rows_done:
+                    # The truth tables need pandas only at the end, when nothing else runs: import
+                    # it while the driver mostly waits for chunks (after the workers' own start).
+                    threading.Thread(target=_import_pandas, daemon=True).start()
+                # Every chunk of the row has returned, so its level-1 pieces are on disk.
+                rows_done = min(rows_done + chunk_px, n_ty * TILE_PX)
+                bands.rendered(rows_done // 4)
                 tiles = [r.tiles for r in row]
                 row = []
                 for t in range(len(tiles[0])):
@@ -285,41 +306,35 @@ def simulate_slide(
                         yield from part[t]
 
         with SvsWriter(partial, width_px, height_px, mpp) as svs:
-            if client is not None:
-                window = tasks_per_row + 4
-                svs.write_level0(
-                    level0_tiles(ordered_map(client, _render_chunks, tasks, model, level1, window=window))
-                )
-            else:
-                import dask.config
-                import distributed  # noqa: F401  (its defaults must be loaded before the override,
-                # or leaving the override removes the whole 'distributed' section of the config)
-
-                # Dask's statistical profiler samples every worker thread 100 times a second; nobody
-                # reads it here (measured: 0.4 of ~12 CPU-s per worker on a 5 x 5 mm slide).
-                no_profiler = {"distributed.worker.profile.enabled": False}
-                with dask.config.set(no_profiler), compute_client(workers) as own_client:
-                    window = tasks_per_row + 2 * max(1, workers)
-                    svs.write_level0(
-                        level0_tiles(
-                            ordered_map(own_client, _render_chunks, tasks, model, level1, window=window)
-                        )
-                    )
+            window = tasks_per_row + (4 if client is not None else 2 * max(1, workers))
+            svs.write_level0(
+                level0_tiles(ordered_map(active, _render_chunks, tasks, model, level1, window=window))
+            )
             bar.close()
             if len(collected) != len(chunks):
                 raise RuntimeError(f"rendered {len(collected)} of {len(chunks)} chunks")
-            levels = _write_reduced_levels(svs, level1, sizes)
+            encoded = bands.results()
+            # Stopping the local workers takes a few tenths of a second: it runs while the driver
+            # writes the reduced levels and the truth.
+            closing = closer.submit(cluster.close)
+            levels = _write_reduced_levels(svs, encoded, bands.level2, level1, sizes)
         truth, summary = _truth_tables(model, collected, placement, preset, seed, levels)
         summary = {"slide": out.name, **summary}  # evaluate checks that a gallery's truth is its slide's
         truth.to_csv(truth_path.with_name(truth_path.name + ".partial"), index=False)
         summary_path.with_name(summary_path.name + ".partial").write_text(json.dumps(summary, indent=2))
+        closing.result()
         os.replace(truth_path.with_name(truth_path.name + ".partial"), truth_path)
         os.replace(summary_path.with_name(summary_path.name + ".partial"), summary_path)
         os.replace(partial, out)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        closer.shutdown()  # first: the cluster may be closing in it
+        # The cluster learns of the failure (compute_client then keeps Dask's shutdown noise quiet).
+        cluster.__exit__(type(exc), exc, exc.__traceback__)
         raise
     finally:
+        closer.shutdown()
+        cluster.close()
         shutil.rmtree(workdir, ignore_errors=True)
     return SimulationResult(
         slide_path=out,
@@ -333,40 +348,127 @@ def simulate_slide(
     )
 
 
+def _import_pandas() -> None:
+    import pandas  # noqa: F401
+
+
+#: What the local workers import before their first task, once, in the process they are forked from.
+_WORKER_PRELOAD = ("distributed", "pipeline._local_worker", "pipeline.simulate.run")
+
+
+def _start_worker_server() -> bool:
+    """Start the process local workers are forked from, and let it import their modules now (False
+    where there is no fork server: Windows).
+
+    Spawned workers each import Dask and the renderer (about 0.7 CPU-s apiece) only once the cluster
+    is up; forked from this server, they start at once, and the one import runs while the driver
+    imports and plans, on a core that would otherwise wait.
+    """
+    import multiprocessing
+
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return False
+    from multiprocessing import forkserver
+
+    # The thread limits Dask's nanny sets for the workers it spawns (distributed.nanny.pre-spawn-environ):
+    # forked workers inherit the server's environment instead.
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(name, "1")
+    multiprocessing.get_context("forkserver").set_forkserver_preload(list(_WORKER_PRELOAD))
+    forkserver.ensure_running()
+    return True
+
+
+@contextmanager
+def _local_client(workers: int, forked: bool) -> Iterator[object]:
+    """A local cluster of ``workers`` processes (None for 0: render in this process), forked from the
+    server :func:`_start_worker_server` started if ``forked``."""
+    import dask.config
+    import distributed  # noqa: F401  (its defaults must be loaded before the override,
+    # or leaving the override removes the whole 'distributed' section of the config)
+
+    # Dask's statistical profiler samples every worker thread 100 times a second; nobody reads it here
+    # (measured: 0.4 of ~12 CPU-s per worker on a 5 x 5 mm slide).
+    settings: dict[str, object] = {
+        "distributed.worker.profile.enabled": False,
+        # Every scheduler, nanny and worker times its event loop each tick, 50 times a second by
+        # default, only to warn when the loop is blocked for seconds: once a second is enough (measured
+        # on an idle cluster: 0.015 CPU-s less per second and process, ~0.4 of a 5 x 5 mm slide's 19).
+        "distributed.admin.tick.interval": "1s",
+    }
+    if forked:  # spawned workers would import everything themselves
+        settings["distributed.worker.multiprocessing-method"] = "forkserver"
+    with dask.config.set(settings), compute_client(workers) as client:
+        yield client
+
+
+class _Bands:
+    """Level-1 bands, each handed to :func:`encode_band` as soon as the render has written its rows.
+
+    Their level-2 rows are gathered into one array as the bands finish, so that no worker holds them
+    until the end (level 2 is 1/256 of level 0: 75 MB for a 20 x 20 mm slide).
+    """
+
+    def __init__(self, client: object | None, store: Level1Store, level2_size: tuple[int, int] | None):
+        self._client, self._store = client, store
+        self._reduce = level2_size is not None
+        self.level2 = None if level2_size is None else np.empty((*level2_size[::-1], 3), dtype=np.uint8)
+        self._waiting = list(band_starts(store.height))
+        self._handed: deque[tuple[int, object]] = deque()  # (first row, future or band), in order
+        self._gathered: list[EncodedBand] = []
+
+    def rendered(self, level1_rows: int) -> None:
+        """The render has written level-1 rows [0, ``level1_rows``): encode the bands they complete."""
+        while self._waiting and min(self._waiting[0] + BAND_PX, self._store.height) <= level1_rows:
+            y0 = self._waiting.pop(0)
+            if self._client is None:
+                self._handed.append((y0, encode_band(y0, self._store, self._reduce)))
+            else:
+                # Ahead of render tasks submitted earlier: a band's tiles wait in no queue, and the
+                # last band is all that remains to do once the render ends.
+                future = self._client.submit(  # type: ignore[attr-defined]
+                    encode_band, y0, self._store, self._reduce, pure=False, retries=TASK_RETRIES, priority=1
+                )
+                self._handed.append((y0, future))
+        self._gather(wait=False)
+
+    def _gather(self, wait: bool) -> None:
+        while self._handed:
+            y0, handle = self._handed[0]
+            if not isinstance(handle, EncodedBand) and not (wait or handle.done()):  # type: ignore[attr-defined]
+                return
+            band = handle if isinstance(handle, EncodedBand) else handle.result()  # type: ignore[attr-defined]
+            self._handed.popleft()
+            if self.level2 is not None:
+                small = cast(np.ndarray, band.reduced)
+                self.level2[y0 // 4 : y0 // 4 + small.shape[0]] = small[: self.level2.shape[0] - y0 // 4]
+            self._gathered.append(EncodedBand(band.path, band.lengths, None))
+
+    def results(self) -> list[EncodedBand]:
+        """Every band, in order (after the whole level has been rendered); level 2 is then complete."""
+        if self._waiting:
+            raise RuntimeError(f"{len(self._waiting)} level-1 band(s) never rendered")
+        self._gather(wait=True)
+        return self._gathered
+
+
 def _write_reduced_levels(
-    svs: SvsWriter, level1: Level1Store, sizes: list[tuple[int, int]]
+    svs: SvsWriter,
+    bands: list[EncodedBand],
+    level2: np.ndarray | None,
+    level1: Level1Store,
+    sizes: list[tuple[int, int]],
 ) -> list[tuple[int, int]]:
-    """Write the thumbnail, level 1 from the temporary pieces, and smaller levels, band by band."""
-    w1, h1 = sizes[1]
-    # Level 2 is 1/16 of level 1's pixels: small enough to hold (75 MB for a 20 x 20 mm slide).
-    finer = np.empty((sizes[2][1], sizes[2][0], 3), dtype=np.uint8) if len(sizes) > 2 else None
-    band = 4 * TILE_PX
-    for y in range(0, h1, band):
-        rows = level1.rows(y, y + band)
-        if finer is not None:
-            small = _reduce4(rows)
-            finer[y // 4 : y // 4 + small.shape[0]] = small[: finer.shape[0] - y // 4]
-    pyramid = [finer] if finer is not None else []
+    """Write the thumbnail, level 1 from its encoded bands, and level 2 and smaller."""
+    pyramid = [] if level2 is None else [level2]
     for _ in sizes[3:]:
-        pyramid.append(_reduce4(pyramid[-1]))
-    smallest = pyramid[-1] if pyramid else level1.rows(0, h1)
+        pyramid.append(reduce4(pyramid[-1]))
+    smallest = pyramid[-1] if pyramid else level1.rows(0, level1.height)
     svs.write_thumbnail(thumbnail_from(smallest))
-
-    def level1_tiles() -> Iterator[np.ndarray]:
-        for y in range(0, h1, band):
-            rows = level1.rows(y, y + band)
-            for t in range(0, rows.shape[0], TILE_PX):
-                yield from tiles_of(rows[t : t + TILE_PX])
-
-    svs.write_level(level1_tiles(), (w1, h1))
+    svs.write_level((tile for band in bands for tile in band.tiles()), sizes[1])
     for image in pyramid:
         svs.write_level(tiles_of(image), (image.shape[1], image.shape[0]))
     return sizes
-
-
-def _reduce4(image: np.ndarray) -> np.ndarray:
-    h, w = image.shape[:2]
-    return cv2.resize(image, (math.ceil(w / 4), math.ceil(h / 4)), interpolation=cv2.INTER_AREA)
 
 
 def _pairs_within(x: np.ndarray, y: np.ndarray, r: float) -> Iterator[tuple[int, int]]:
