@@ -382,23 +382,18 @@ def _start_worker_server() -> bool:
 @contextmanager
 def _local_client(workers: int, forked: bool) -> Iterator[object]:
     """A local cluster of ``workers`` processes (None for 0: render in this process), forked from the
-    server :func:`_start_worker_server` started if ``forked``."""
+    server :func:`_start_worker_server` started if ``forked``.
+
+    :func:`~pipeline.engine.compute_client` already runs local workers without Dask's profiler and
+    with slow event-loop ticks (0.4 and ~0.4 of a 5 x 5 mm slide's 19 CPU-s, measured here).
+    """
     import dask.config
     import distributed  # noqa: F401  (its defaults must be loaded before the override,
     # or leaving the override removes the whole 'distributed' section of the config)
 
-    # Dask's statistical profiler samples every worker thread 100 times a second; nobody reads it here
-    # (measured: 0.4 of ~12 CPU-s per worker on a 5 x 5 mm slide).
-    settings: dict[str, object] = {
-        "distributed.worker.profile.enabled": False,
-        # Every scheduler, nanny and worker times its event loop each tick, 50 times a second by
-        # default, only to warn when the loop is blocked for seconds: once a second is enough (measured
-        # on an idle cluster: 0.015 CPU-s less per second and process, ~0.4 of a 5 x 5 mm slide's 19).
-        "distributed.admin.tick.interval": "1s",
-    }
-    if forked:  # spawned workers would import everything themselves
-        settings["distributed.worker.multiprocessing-method"] = "forkserver"
-    with dask.config.set(settings), compute_client(workers) as client:
+    # Spawned workers would import everything themselves.
+    method = {"distributed.worker.multiprocessing-method": "forkserver"} if forked else {}
+    with dask.config.set(method), compute_client(workers) as client:
         yield client
 
 
