@@ -162,8 +162,9 @@ def refine_centre_at(
     return refine_centre(window, mpp, centre, stains, params, od_lut)
 
 
-#: Half-side of the window :func:`refine_centre_at` tries first, um: a nucleus up to about 10 um
-#: across anywhere near the search radius fits.
+#: Half-side of the window :func:`refine_centre_at` tries first, um: at 0.25 um/px, a nucleus up to
+#: about 10 um across within 5 um of the overview centre fits with its margins (5.7 % of the cells of
+#: a simulated MLL23 slide did not).
 FIRST_WINDOW_HALF_UM = 16.0
 
 
