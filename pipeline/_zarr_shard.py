@@ -12,8 +12,6 @@ it returns ``None`` and the caller writes through zarr. Tests compare the bytes 
 
 from __future__ import annotations
 
-import os
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import zarr
 from numcodecs import Zstd
 from zarr.codecs import BytesCodec, Crc32cCodec, ShardingCodec, ZstdCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
+
+from ._files import atomic_path
 
 #: zarr's marker of a chunk that is not stored (offset and length).
 _MISSING = np.uint64(2**64 - 1)
@@ -83,12 +83,7 @@ def encode_shard(images: np.ndarray, layout: ShardLayout) -> bytes:
 
 
 def write_file_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename."""
+    """Write ``data`` to ``path`` (its folder made if need be) through a temporary name, then rename."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(temporary, "wb") as fh:
-            fh.write(data)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_path(path) as temporary:
+        temporary.write_bytes(data)
