@@ -535,28 +535,8 @@ def ordered_map(
             raise_if_interrupted()  # a slide thread of an interrupted batch stops here
             yield fn(item, *args)
         return
-    # Not client.scatter: scattered data whose worker dies is lost for good (the scheduler cannot
-    # recompute it) and its dependents are cancelled; the active memory manager also drops the extra
-    # replicas of broadcast data within seconds. A task returning the value is recomputed instead.
-    shared = [
-        client.submit(_identity, a, pure=False, retries=TASK_RETRIES) if _is_large(a) else a for a in args
-    ]
-    pending: deque[Any] = deque()
-    name = getattr(fn, "__name__", "task")
-    try:
-        for item in items:
-            key = f"{name}-{uuid.uuid4().hex}"  # the dashboard shows the stage, not the wrapper
-            pending.append(
-                client.submit(_guarded, fn, item, *shared, key=key, pure=False, retries=TASK_RETRIES)
-            )
-            if len(pending) >= window:
-                yield _unwrap(pending.popleft().result())
-        while pending:
-            yield _unwrap(pending.popleft().result())
-    finally:
-        # An abandoned or failed map must not leave tasks running on the cluster.
-        for future in pending:
-            future.cancel()
+    for result, _ in _in_order(client, fn, items, args, window, hold=False):
+        yield result
 
 
 def ordered_map_holding(
@@ -575,10 +555,19 @@ def ordered_map_holding(
     ``held`` itself.
     """
     if client is None:
-        for item in items:
-            raise_if_interrupted()
-            yield fn(item, *args)
+        yield from ordered_map(None, fn, items, *args)
         return
+    yield from _in_order(client, fn, items, args, window, hold=True)
+
+
+def _in_order(
+    client: Any, fn: Callable[..., Any], items: Iterable[T], args: tuple[Any, ...], window: int, hold: bool
+) -> Iterator[tuple[Any, Any]]:
+    """``(result, handle)`` of ``fn(item, *args)`` on the cluster, in order, ``window`` in flight; the
+    handle (``hold``) is the task's own future, whose value is ``(result, held)``."""
+    # Not client.scatter: scattered data whose worker dies is lost for good (the scheduler cannot
+    # recompute it) and its dependents are cancelled; the active memory manager also drops the extra
+    # replicas of broadcast data within seconds. A task returning the value is recomputed instead.
     shared = [
         client.submit(_identity, a, pure=False, retries=TASK_RETRIES) if _is_large(a) else a for a in args
     ]
@@ -586,22 +575,27 @@ def ordered_map_holding(
     name = getattr(fn, "__name__", "task")
     try:
         for item in items:
-            key = f"{name}-{uuid.uuid4().hex}"
-            # The handle is the task's own future: a task more per item to split it would cost the
-            # scheduler as much as a small task's work.
-            both = client.submit(_guarded, fn, item, *shared, key=key, pure=False, retries=TASK_RETRIES)
-            result = client.submit(_first, both, key=f"{key}-result", pure=False, retries=TASK_RETRIES)
-            pending.append((result, both))
+            key = f"{name}-{uuid.uuid4().hex}"  # the dashboard shows the stage, not the wrapper
+            task = client.submit(_guarded, fn, item, *shared, key=key, pure=False, retries=TASK_RETRIES)
+            # A held value's handle is the task's own future: a task more per item to split the value
+            # would cost the scheduler as much as a small task's work.
+            if hold:
+                result = client.submit(_first, task, key=f"{key}-result", pure=False, retries=TASK_RETRIES)
+                pending.append((result, task))
+            else:
+                pending.append((task, None))
             if len(pending) >= window:
-                result, held = pending.popleft()
-                yield _unwrap(result.result()), held
+                result, handle = pending.popleft()
+                yield _unwrap(result.result()), handle
         while pending:
-            result, held = pending.popleft()
-            yield _unwrap(result.result()), held
+            result, handle = pending.popleft()
+            yield _unwrap(result.result()), handle
     finally:
-        for futures in pending:
-            for future in futures:
-                future.cancel()
+        # An abandoned or failed map must not leave tasks running on the cluster.
+        for result, handle in pending:
+            result.cancel()
+            if handle is not None:
+                handle.cancel()
 
 
 def held_rows(client: Any, held: Any, start: int, stop: int) -> Any:
