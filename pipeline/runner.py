@@ -477,7 +477,8 @@ def run_slide(
     ------
     PipelineError
         ``SlideError``/``MppError`` for the slide; ``GalleryError`` when the gallery cannot be written
-        (disk full, not writable) or another run holds its lock (``OUT/.<stem>.zarr.lock``). On any
+        (disk full, not writable), ``LockHeldError`` (a ``GalleryError``) when another run holds its
+        lock (``OUT/.<stem>.zarr.lock``). On any
         failure, Ctrl-C included, the unfinished draft is deleted and nothing is marked complete.
     """
     final = gallery_path(slide_path, out_dir)
