@@ -98,6 +98,17 @@ def add_slide_arguments(parser: argparse.ArgumentParser, size_mm: float) -> None
     parser.add_argument("--folder", type=Path, default=None, help="where simulated slides go (kept)")
 
 
+def selected_slides(args: argparse.Namespace, tmp: Path) -> list[str]:
+    """The slides of :func:`add_slide_arguments`: as given, else simulated into ``--folder`` or ``tmp``.
+
+    Files, folders and globs are passed on as they are: ``pipeline run`` expands them, as a user's batch.
+    """
+    if args.slides:
+        return list(args.slides)
+    folder = args.folder or tmp / "slides"
+    return [str(s) for s in simulate_missing(folder, args.simulate, args.size_mm, args.preset)]
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_slide_arguments(parser, size_mm=5.0)
@@ -106,10 +117,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        slides = list(args.slides)
-        if not slides:
-            folder = args.folder or Path(tmp) / "slides"
-            slides = [str(s) for s in simulate_missing(folder, args.simulate, args.size_mm, args.preset)]
+        slides = selected_slides(args, Path(tmp))
         out_root = args.out or Path(tmp) / "out"
         results = []
         print(table_row("workers"))

@@ -24,7 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from benchmarks.bench_batch import add_slide_arguments, bench, simulate_missing, table_row
+from benchmarks.bench_batch import add_slide_arguments, bench, selected_slides, table_row
 
 
 def slurm_where(queue: str | None, memory: str) -> list[str]:
@@ -70,10 +70,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, float]]:
     args = parser.parse_args(argv)
     results = []
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        slides = list(args.slides)
-        if not slides:
-            folder = args.folder or Path(tmp) / "slides"
-            slides = [str(s) for s in simulate_missing(folder, args.simulate, args.size_mm, args.preset)]
+        slides = selected_slides(args, Path(tmp))
         queue = args.queue
         if args.start_test_slurm:
             queue = stack.enter_context(started_test_slurm(Path(tmp) / "slurm"))

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import GalleryError, MppError, ParameterError, PipelineError, SlideError
+from .errors import GalleryError, LockHeldError, MppError, ParameterError, PipelineError, SlideError
 
 if TYPE_CHECKING:
     from .gallery import Gallery, open_gallery
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Gallery",
     "GalleryError",
+    "LockHeldError",
     "MppError",
     "ParameterError",
     "PipelineError",

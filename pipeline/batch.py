@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from ._files import atomic_path
 from .engine import compute_client, worker_count
-from .errors import GalleryError, ParameterError, PipelineError, is_interrupt
+from .errors import GalleryError, LockHeldError, ParameterError, PipelineError, is_interrupt
 from .gallery import partial_path_for, remove_partial
 from .lock import gallery_lock
 from .runner import RunParams, gallery_path, run_slide
@@ -155,10 +155,10 @@ def _record_lock(out_dir: Path) -> Iterator[None]:
             try:
                 held.enter_context(gallery_lock(lock))
                 break
-            except GalleryError as exc:
-                # Held by another command: wait. A lock file that cannot be made (an unwritable folder),
-                # or a holder keeping it far longer than an update takes, is an error.
-                if isinstance(exc.__cause__, OSError) or time.monotonic() > deadline:
+            except LockHeldError:
+                # Held by another command: wait. A holder keeping it far longer than an update takes is
+                # an error, as is any other GalleryError (a lock file that cannot be made or written).
+                if time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
         yield

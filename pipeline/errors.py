@@ -31,6 +31,14 @@ class GalleryError(PipelineError):
     """A gallery cannot be written or read."""
 
 
+class LockHeldError(GalleryError):
+    """Another live run holds the gallery's lock (``OUT/.<stem>.zarr.lock``): wait, or run elsewhere.
+
+    Nothing is wrong with the gallery or the folder; callers that can wait (the batch record) retry on
+    this error alone, and report every other :class:`GalleryError` at once.
+    """
+
+
 class ParameterError(PipelineError, ValueError):
     """A parameter is out of its valid range."""
 

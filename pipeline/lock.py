@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import GalleryError
+from pipeline.errors import GalleryError, LockHeldError
 
 __all__ = ["LockInfo", "gallery_lock", "lock_path_for", "read_lock"]
 
@@ -128,9 +128,11 @@ def gallery_lock(final_path: str | os.PathLike[str]) -> Iterator[LockInfo]:
 
     Raises
     ------
+    LockHeldError
+        Another live run holds the lock (the message names it and the lock file), or other runs kept
+        taking it while we tried.
     GalleryError
-        Another live run holds the lock (the message names it and the lock file), or the lock file
-        cannot be created (e.g. the folder is not writable).
+        The lock file cannot be created or written (e.g. the folder is not writable, the disk is full).
     """
     lock = lock_path_for(final_path)
     stop = threading.Event()
@@ -183,7 +185,7 @@ def _acquire(lock: Path, final: Path) -> LockInfo:
             if raw is None:
                 continue  # released between our attempt and the read: try again
             if not _is_stale(lock, raw):
-                raise GalleryError(_held_message(final, lock, _parse(raw))) from None
+                raise LockHeldError(_held_message(final, lock, _parse(raw))) from None
             _break_stale(lock, raw)
             continue
         except OSError as exc:
@@ -206,7 +208,7 @@ def _acquire(lock: Path, final: Path) -> LockInfo:
                 "or choose another --out"
             ) from exc
         return mine
-    raise GalleryError(
+    raise LockHeldError(
         f"{final}: could not take the lock {lock} after {_ATTEMPTS} attempts (other runs keep taking "
         "it); run one job per output folder at a time"
     )

@@ -417,7 +417,8 @@ def _shard_task(shard: tuple[int, list[np.ndarray], int | None], partial_path: s
     """Write one shard from consecutive runs of crops (``n_cells``: as for :func:`write_shard`)."""
     index, parts, n_cells = shard
     images = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return write_shard(partial_path, index, images, n_cells=n_cells)
+    # finalize_gallery checks the receipts' rows, never their checksums (that would re-read the gallery)
+    return write_shard(partial_path, index, images, n_cells=n_cells, checksum=False)
 
 
 # ------------------------------------------------------------------------------------------- run
@@ -477,7 +478,8 @@ def run_slide(
     ------
     PipelineError
         ``SlideError``/``MppError`` for the slide; ``GalleryError`` when the gallery cannot be written
-        (disk full, not writable) or another run holds its lock (``OUT/.<stem>.zarr.lock``). On any
+        (disk full, not writable), ``LockHeldError`` (a ``GalleryError``) when another run holds its
+        lock (``OUT/.<stem>.zarr.lock``). On any
         failure, Ctrl-C included, the unfinished draft is deleted and nothing is marked complete.
     """
     final = gallery_path(slide_path, out_dir)

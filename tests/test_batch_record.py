@@ -6,10 +6,17 @@ from __future__ import annotations
 import csv
 import json
 import multiprocessing
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from pipeline import batch
 from pipeline.batch import SlideOutcome, _Record
+from pipeline.errors import GalleryError, LockHeldError
+from pipeline.lock import lock_path_for
 
 #: Updates per slide and process: enough that unguarded read-modify-writes lose rows every time.
 ROUNDS = 40
@@ -66,3 +73,30 @@ def test_a_later_command_keeps_earlier_rows_and_replaces_its_own(tmp_path):
     }
     assert rows["two.svs"]["slide"] == "b/two.svs"
     assert json.loads((tmp_path / "batch.json").read_text())["summary"]["cells"] == 12
+
+
+def _hold_record_lock(out: Path) -> Path:
+    """A fresh lock on the record, as another live command on another node would leave it."""
+    lock = lock_path_for(out / batch.RECORD_LOCK_NAME)
+    lock.write_text(json.dumps({"host": "other-node", "pid": 7, "started_utc": "now", "token": "t" * 32}))
+    return lock
+
+
+def test_the_record_waits_while_another_command_holds_its_lock(tmp_path, monkeypatch):
+    lock = _hold_record_lock(tmp_path)
+    threading.Timer(0.3, lock.unlink).start()  # the other command finishes its update
+    started = time.monotonic()
+    _Record(tmp_path, [Path("a/one.svs")]).set(SlideOutcome("a/one.svs", "done", 1, 2, 0.5, ""))
+    assert time.monotonic() - started >= 0.3 and _rows(tmp_path)["one.svs"]["status"] == "done"
+    _hold_record_lock(tmp_path)
+    monkeypatch.setattr(batch, "RECORD_LOCK_WAIT_S", 0.2)
+    with pytest.raises(LockHeldError, match="other-node"):
+        _Record(tmp_path, [Path("a/one.svs")]).set(SlideOutcome("a/one.svs", "failed", 0, 0, 0.1, "x"))
+
+
+def test_a_record_lock_that_cannot_be_made_fails_at_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(batch, "RECORD_LOCK_WAIT_S", 5.0)
+    started = time.monotonic()
+    with pytest.raises(GalleryError, match="cannot create the lock file") as error:
+        _Record(tmp_path / "gone", [Path("a/one.svs")]).set(SlideOutcome("a/one.svs", "done", 1, 2, 0.5, ""))
+    assert not isinstance(error.value, LockHeldError) and time.monotonic() - started < 2.0

@@ -26,6 +26,7 @@ from pipeline.gallery import (
     GALLERY_FORMAT_VERSION,
     REQUIRED_CANDIDATE_COLUMNS,
     REQUIRED_CELL_COLUMNS,
+    GalleryDraft,
     ShardReceipt,
     create_gallery,
     create_gallery_draft,
@@ -417,6 +418,44 @@ def test_finalize_rejects_incomplete_or_mismatched_receipts(tmp_path: Path) -> N
     with pytest.raises(GalleryError, match=r"shard 1 .* differs"):
         finalize_gallery(draft, receipts=receipts, verify_data=True)
     assert not is_complete(draft.partial_path)
+
+
+def _empty_draft(final: Path, n_cells: int) -> tuple[GalleryDraft, np.ndarray]:
+    """A draft of ``n_cells`` cells with nothing written yet, and the images to write into it."""
+    draft = create_gallery(
+        final, n_cells, make_cells(n_cells), make_candidates(1), {}, crop_px=CROP_PX, shard_cells=SHARD
+    )
+    return draft, make_images(n_cells)
+
+
+def test_receipts_without_checksums_finalize_but_cannot_be_verified(tmp_path: Path) -> None:
+    final = tmp_path / "s.zarr"
+    draft, images = _empty_draft(final, 2 * SHARD)
+    ranges = draft.shard_ranges()
+    assert write_shard(draft.partial_path, 0, images[:SHARD]).crc32 == images_checksum(images[:SHARD])
+    receipts = [
+        write_shard(draft.partial_path, i, images[a:b], checksum=False) for i, (a, b) in enumerate(ranges)
+    ]
+    assert [r.crc32 for r in receipts] == [None, None]
+    with pytest.raises(ValueError, match="checksums"):
+        finalize_gallery(draft, receipts=receipts, verify_data=True)
+    assert not is_complete(draft.partial_path)
+    finalize_gallery(draft, receipts=receipts)  # the rows are still checked
+    np.testing.assert_array_equal(open_gallery(final).images[:], images)
+
+
+def test_the_runner_does_not_compute_checksums_nobody_verifies(tmp_path: Path, monkeypatch) -> None:
+    from pipeline import runner
+
+    def no_checksum(images: np.ndarray) -> int:
+        raise AssertionError("the runner's finalize never verifies data: no checksum is needed")
+
+    monkeypatch.setattr(gallery_module, "images_checksum", no_checksum)
+    draft, images = _empty_draft(tmp_path / "s.zarr", SHARD)
+    receipt = runner._shard_task((0, [images[:10], images[10:]], None), str(draft.partial_path))
+    assert (receipt.start, receipt.stop, receipt.crc32) == (0, SHARD, None)
+    finalize_gallery(draft, receipts=[receipt])
+    np.testing.assert_array_equal(open_gallery(draft.final_path).images[:], images)
 
 
 def test_remove_partial_cleans_leftovers_only(tmp_path: Path) -> None:

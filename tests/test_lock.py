@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import lock as gallery_locks
-from pipeline.errors import GalleryError
+from pipeline.errors import GalleryError, LockHeldError
 from pipeline.lock import gallery_lock, lock_path_for, read_lock
 
 
@@ -31,10 +31,23 @@ def _foreign_lock(path: Path, age_s: float) -> None:
 def test_a_fresh_lock_from_another_host_is_respected(tmp_path: Path) -> None:
     final = tmp_path / "slide.zarr"
     _foreign_lock(lock_path_for(final), age_s=60.0)
-    with pytest.raises(GalleryError, match=r"another-node\.cluster.*delete .*slide\.zarr\.lock"):
+    with pytest.raises(LockHeldError, match=r"another-node\.cluster.*delete .*slide\.zarr\.lock"):
         with gallery_lock(final):
             pass
     assert read_lock(lock_path_for(final)).host == "another-node.cluster"
+
+
+def test_a_held_lock_is_told_apart_from_a_lock_that_cannot_be_made(tmp_path: Path) -> None:
+    final = tmp_path / "slide.zarr"
+    _foreign_lock(lock_path_for(final), age_s=60.0)
+    with pytest.raises(GalleryError) as held:
+        with gallery_lock(final):
+            pass
+    assert isinstance(held.value, LockHeldError)  # still a GalleryError for callers that catch those
+    with pytest.raises(GalleryError, match="cannot create the lock file") as broken:
+        with gallery_lock(tmp_path / "no such folder" / "slide.zarr"):
+            pass
+    assert not isinstance(broken.value, LockHeldError)
 
 
 def test_a_lock_whose_lease_ran_out_is_taken_over_from_any_host(tmp_path: Path) -> None:

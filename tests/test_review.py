@@ -329,6 +329,28 @@ def test_viewer_tiles_are_openslides_deep_zoom_tiles_of_every_level():
     ours.close()
 
 
+def test_candidate_crops_are_read_as_the_gallery_reads_its_crops(review_out):
+    """A crop the app makes on the fly is the slide's one region reader at work: at the gallery's scale it
+    is the gallery's own crop, bit for bit, and white beyond the slide."""
+    from pipeline.gallery import open_gallery
+    from pipeline.review.tiles import SlideTiles
+
+    gallery = open_gallery(review_out / "sample_mll23.zarr")
+    mpp = float(gallery.attrs["slide"]["mpp"])
+    crop = gallery.attrs["parameters"]["crop"]
+    crop_um, crop_px = float(crop["crop_um"]), int(crop["crop_px"])
+    tiles = SlideTiles(SAMPLE, mpp)
+    try:
+        for index in (0, len(gallery) // 2, len(gallery) - 1):
+            row = gallery.cells.iloc[index]
+            got = tiles.crop(float(row["x_px"]), float(row["y_px"]), crop_um / mpp, crop_px)
+            np.testing.assert_array_equal(got, np.asarray(gallery.images[index]), err_msg=f"cell {index}")
+        corner = tiles.crop(0.0, 0.0, crop_um / mpp, 96)  # centred on the slide's corner
+        assert corner.shape == (96, 96, 3) and (corner[:47, :47] == 255).all()
+    finally:
+        tiles.close()
+
+
 def test_a_slide_openslide_cannot_open_is_shown_too(tmp_path):
     """A stripped TIFF (OpenSlide refuses it; the pipeline reads it with tifffile) gets tiles too."""
     import io

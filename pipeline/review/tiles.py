@@ -112,14 +112,12 @@ class SlideTiles:
     def crop(self, x_px: float, y_px: float, side_px: float, out_px: int) -> np.ndarray:
         """A square of ``side_px`` level-0 pixels centred on ``(x_px, y_px)``, resized to ``out_px``.
 
-        White outside the slide, as the gallery's padded crops.
+        Read with :meth:`~pipeline.slide.Slide.read_at_mpp`, as ``run`` reads its crops: at a gallery's
+        scale it is the gallery's crop of that point. White outside the slide, as the gallery's padding.
         """
-        level = self.source.get_best_level_for_downsample(side_px / out_px)
-        factor = float(self.slide.level_downsamples[level])
-        size = max(1, round(side_px / factor))
-        left, top = math.floor((x_px - side_px / 2) / factor), math.floor((y_px - side_px / 2) / factor)
-        rgb = self.slide.read_region(level, left, top, size, size)
-        return cv2.resize(np.ascontiguousarray(rgb), (out_px, out_px), interpolation=cv2.INTER_AREA)
+        mpp_out = side_px * self.slide.mpp / out_px
+        left, top = x_px - side_px / 2.0, y_px - side_px / 2.0
+        return self.slide.read_at_mpp(left, top, out_px, out_px, mpp_out)
 
     def close(self) -> None:
         """Release the slide's file handle."""

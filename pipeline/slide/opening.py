@@ -16,7 +16,7 @@ from ..errors import SlideError, is_interrupt
 from ._common import _quiet_tifffile, _Reader, _reason, _Unsupported
 from .openslide_reader import _OpenSlideReader
 from .pixels import _page_format, _probed_white
-from .tiff_tiles import _segment_level, _SegmentLevel, _SegmentReader
+from .tiff_tiles import _segment_level, _SegmentLevel, _SegmentReader, _segments_end
 
 _DIRECT_VENDORS = frozenset({"aperio", "generic-tiff"})
 # Codecs whose output the tests compare with OpenSlide's (none, LZW, JPEG, deflate); others, e.g.
@@ -55,26 +55,34 @@ def _check_path(path: Path) -> None:
 
 
 def _check_complete(path: Path, levels: list[_SegmentLevel]) -> None:
+    error = _truncation(path, max(level.data_end for level in levels))
+    if error is not None:
+        raise error
+
+
+def _truncation(path: Path, data_end: int) -> SlideError | None:
+    """The error for a file shorter than the image data its pages point to (``data_end``), else None."""
     size = path.stat().st_size
-    end = max(level.data_end for level in levels)
-    if end > size:
-        raise SlideError(
-            f"{path} is truncated (image data runs to byte {end}, the file has {size}); re-copy the file"
-        )
+    if data_end <= size:
+        return None
+    return SlideError(
+        f"{path} is truncated (image data runs to byte {data_end}, the file has {size}); re-copy the file"
+    )
 
 
 def _data_end(path: Path) -> int:
-    """The largest end of any image data segment the readable pages of a TIFF point to (0 if none)."""
+    """The largest end of any image data segment the readable pages of a TIFF point to (0 if none).
+
+    For files no reader accepts, whose levels :func:`_check_complete` never sees.
+    """
     end = 0
     try:
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
             for page in tif.pages:
-                offsets, counts = page.dataoffsets, page.databytecounts
-                if len(offsets) and len(counts):
-                    end = max(end, max(o + c for o, c in zip(offsets, counts, strict=False)))
+                end = max(end, _segments_end(page.dataoffsets, page.databytecounts))
     except Exception:  # only a hint for the message: the caller reports the real error
         pass
-    return int(end)
+    return end
 
 
 def _float_or_none(text: str | None) -> float | None:
@@ -187,12 +195,9 @@ def _open_tifffile(path: Path, openslide_reason: str) -> _Opened:
             return _tifffile_opened(path, tif)
     except _Unsupported as exc:
         # A file cut short looks unsupported too (tag arrays and pages beyond its end): say so.
-        end = _data_end(path)
-        size = path.stat().st_size
-        if end > size:
-            raise SlideError(
-                f"{path} is truncated (image data runs to byte {end}, the file has {size}); re-copy the file"
-            ) from exc
+        truncated = _truncation(path, _data_end(path))
+        if truncated is not None:
+            raise truncated from exc
         raise SlideError(f"{path}: cannot be read ({exc}); convert it to a tiled RGB TIFF or SVS") from exc
     except SlideError:
         raise  # already says what is wrong (e.g. truncated) and names the file

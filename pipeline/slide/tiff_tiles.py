@@ -88,8 +88,16 @@ class _SegmentLevel:
     @property
     def data_end(self) -> int:
         """Byte just past the level's last segment (0 if all segments are empty)."""
-        present = self.bytecounts > 0
-        return int((self.offsets[present] + self.bytecounts[present]).max()) if present.any() else 0
+        return _segments_end(self.offsets, self.bytecounts)
+
+
+def _segments_end(offsets: Any, bytecounts: Any) -> int:
+    """Byte just past the last non-empty segment of a segment table (0 if there is none)."""
+    n = min(len(offsets), len(bytecounts))  # a damaged page may list more of one than the other
+    starts = np.asarray(offsets, dtype=np.int64)[:n]
+    sizes = np.asarray(bytecounts, dtype=np.int64)[:n]
+    present = sizes > 0
+    return int((starts[present] + sizes[present]).max()) if present.any() else 0
 
 
 def _segment_level(page: tifffile.TiffPage, index: int, fmt: _PixelFormat) -> _SegmentLevel:
