@@ -388,9 +388,12 @@ def local_white(
     if slide_white is not None:
         slide = np.asarray(slide_white, np.float64)
         floor = np.clip(np.round(params.white_floor * slide), 1, 255)
-        cv2.max(white, (*(float(v) for v in floor), 0.0), dst=white)
         ceiling = np.clip(np.ceil(slide) + 2, 1, 255)
-        cv2.min(white, (*(float(v) for v in ceiling), 255.0), dst=white)
+        if white.size > 4:
+            cv2.max(white, (*(float(v) for v in floor), 0.0), dst=white)
+            cv2.min(white, (*(float(v) for v in ceiling), 255.0), dst=white)
+        else:  # OpenCV reads a one-pixel image as a scalar
+            np.clip(white, floor.astype(np.uint8), ceiling.astype(np.uint8), out=white)
     return white
 
 

@@ -613,17 +613,22 @@ def test_tile_maps_of_thin_images(shape, one_opencv_thread):
 
 
 @pytest.mark.parametrize(
-    "shape", [(1, 20), (2, 9), (5, 4), (40, 3), (57, 131), (300, 260), (257, 1), (513, 2), (16, 1)]
+    "shape",
+    [(1, 20), (2, 9), (5, 4), (40, 3), (57, 131), (300, 260), (257, 1), (513, 2), (16, 1), (3, 4), (1, 1)],
 )
 @pytest.mark.parametrize("mpp", [1.0, 3.0])
-def test_local_white_equals_a_dilation_with_the_replicated_edge(shape, mpp):
+@pytest.mark.parametrize("slide_white", [None, (200.0, 150.5, 231.2)])
+def test_local_white_equals_a_dilation_with_the_replicated_edge(shape, mpp, slide_white):
     rgb = np.random.default_rng(shape[0]).integers(0, 256, (*shape, 3), dtype=np.uint8)
     params = SegmentParams()
     r = math.ceil(params.white_radius_um / mpp - 1e-9)
     smooth = cv2.blur(rgb, (3, 3), borderType=cv2.BORDER_REPLICATE)
     square = cv2.getStructuringElement(cv2.MORPH_RECT, (2 * r + 1, 2 * r + 1))
     want = cv2.dilate(smooth, square, borderType=cv2.BORDER_REPLICATE)
-    np.testing.assert_array_equal(local_white(rgb, mpp, params), want)
+    if slide_white is not None:  # kept between white_floor x the slide's white and 2 levels above it
+        floor = np.round(params.white_floor * np.array(slide_white))
+        want = np.clip(want, floor, np.ceil(slide_white) + 2).astype(np.uint8)
+    np.testing.assert_array_equal(local_white(rgb, mpp, params, slide_white), want)
 
 
 def test_memory_retention_is_set_once_and_harmless():
