@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.errors import MppError
+from pipeline import runner
+from pipeline.errors import GalleryError, MppError
 from pipeline.evaluate import evaluate_gallery
 from pipeline.gallery import open_gallery
 from pipeline.runner import RunParams, run_slide
@@ -98,6 +100,32 @@ def test_tiled_run_equals_untiled_whatever_the_workers(small_slide, small_run, t
 
 
 _OVERVIEW: dict[str, object] = {}
+
+
+def _local_worker_processes() -> set[int]:
+    import psutil
+
+    pids = set()
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # a process that ends while we look
+            if "spawn_main" in " ".join(process.cmdline()):
+                pids.add(process.pid)
+    return pids
+
+
+@pytest.mark.parametrize("finalize_fails", [False, True])
+def test_the_local_cluster_is_closed_when_the_run_returns(small_slide, tmp_path, monkeypatch, finalize_fails):
+    """The cluster closes while the gallery is finalized; the run returns (or fails) only once it has."""
+    before = _local_worker_processes()
+    if finalize_fails:
+
+        def full_disk(*args, **kwargs):
+            raise GalleryError("no space left on device (simulated)")
+
+        monkeypatch.setattr(runner, "finalize_gallery", full_disk)
+    with pytest.raises(GalleryError, match="simulated") if finalize_fails else contextlib.nullcontext():
+        run_slide(small_slide.slide_path, tmp_path, workers=1, progress=False)
+    assert not _local_worker_processes() - before
 
 
 def _overview(slide_path) -> np.ndarray:
