@@ -308,6 +308,10 @@ def psf_sprite(y0: int, x0: int, od: np.ndarray, mpp: float) -> tuple[int, int, 
     return y0 - pad, x0 - pad, cv2.GaussianBlur(padded, (k, k), sigma_px, borderType=cv2.BORDER_CONSTANT)
 
 
+#: A rectangle of a region's core: (y, x, height, width) in px.
+_Box = tuple[int, int, int, int]
+
+
 def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mpp: float) -> np.ndarray:
     """Blur a transmittance canvas with a per-pixel sigma, blending exactly rendered blur levels.
 
@@ -334,40 +338,86 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
     last = len(BLUR_LEVELS_UM) - 1
     # The pair of levels a pixel blends is a function of its index alone (lower = floor, at most
     # last - 1), never of the region: the same two blurs and weights wherever the pixel is rendered.
-    lower = np.floor(level_index, out=workspace("blur_lower", (h, w)))
-    np.minimum(lower, np.float32(last - 1), out=lower)
-    upper_weight = np.subtract(level_index, lower, out=workspace("blur_upper_w", (h, w)))
-    lower_weight = np.subtract(np.float32(1.0), upper_weight, out=workspace("blur_lower_w", (h, w)))
-    first, top = int(lower.min()), int(lower.max())
-    blurred = {level: _blur_level(transmittance, halo, h, w, level, mpp) for level in range(first, top + 2)}
+    low, high, _, _ = cv2.minMaxLoc(level_index)
+    first, top = min(math.floor(low), last - 1), min(math.floor(high), last - 1)
+    upper_weight = workspace("blur_upper_w", (h, w))
+    lower_weight = workspace("blur_lower_w", (h, w))
     out = workspace("blur_out", (h, w, 3))
     if first == top:  # one pair everywhere (usual: the gentle defocus spans less than a level)
+        # lower is `first` everywhere: no per-pixel floor needed, the same differences.
+        np.subtract(level_index, np.float32(first), out=upper_weight)
+        np.subtract(np.float32(1.0), upper_weight, out=lower_weight)
+        whole = (0, 0, h, w)
         # One pass: (lower_w * B_l + upper_w * B_l+1) / (lower_w + upper_w + 1e-5), OpenCV's formula.
-        cv2.blendLinear(blurred[first], blurred[first + 1], lower_weight, upper_weight, dst=out)
+        lower_blur = _blur_level(transmittance, halo, whole, first, mpp)
+        upper_blur = _blur_level(transmittance, halo, whole, first + 1, mpp)
+        cv2.blendLinear(lower_blur, upper_blur, lower_weight, upper_weight, dst=out)
         return out
-    pair = workspace("blur_pair", (h, w, 3))
+    lower = np.floor(level_index, out=workspace("blur_lower", (h, w)))
+    np.minimum(lower, np.float32(last - 1), out=lower)
+    np.subtract(level_index, lower, out=upper_weight)
+    np.subtract(np.float32(1.0), upper_weight, out=lower_weight)
     mask = workspace_u8("blur_mask", (h, w))
+    # Each pair only over the box of its own pixels, each level over the boxes of its two pairs: the
+    # blurriest levels (69 taps) cover the middle of an out-of-focus patch, not the whole region.
+    boxes = {}
     for level in range(first, top + 1):
-        cv2.blendLinear(blurred[level], blurred[level + 1], lower_weight, upper_weight, dst=pair)
         cv2.compare(lower, float(level), cv2.CMP_EQ, dst=mask)
-        cv2.copyTo(pair, mask, out)
+        x, y, bw, bh = cv2.boundingRect(mask)
+        if bw and bh:
+            boxes[level] = (y, x, bh, bw)
+    blurred = {}
+    for level in range(first, top + 2):
+        box = _union(boxes.get(level - 1), boxes.get(level))
+        if box is not None:
+            blurred[level] = (box, _blur_level(transmittance, halo, box, level, mpp))
+    for level, (y, x, bh, bw) in boxes.items():
+        pair = [_within(blurred[k], (y, x, bh, bw)) for k in (level, level + 1)]
+        blend = workspace("blur_pair", (h, w, 3))[:bh, :bw]
+        cv2.blendLinear(
+            *pair, lower_weight[y : y + bh, x : x + bw], upper_weight[y : y + bh, x : x + bw], dst=blend
+        )
+        cv2.compare(lower[y : y + bh, x : x + bw], float(level), cv2.CMP_EQ, dst=mask[:bh, :bw])
+        cv2.copyTo(blend, mask[:bh, :bw], out[y : y + bh, x : x + bw])
     return out
 
 
-def _blur_level(transmittance: np.ndarray, halo: int, h: int, w: int, level: int, mpp: float) -> np.ndarray:
-    """The ``(h, w, 3)`` core of the canvas at blur :data:`BLUR_LEVELS_UM` ``[level]`` in all."""
+def _union(a: _Box | None, b: _Box | None) -> _Box | None:
+    """The bounding box ``(y, x, h, w)`` of two boxes, either of which may be None."""
+    if a is None or b is None:
+        return a if b is None else b
+    y, x = min(a[0], b[0]), min(a[1], b[1])
+    return y, x, max(a[0] + a[2], b[0] + b[2]) - y, max(a[1] + a[3], b[1] + b[3]) - x
+
+
+def _within(blurred: tuple[_Box, np.ndarray], box: _Box) -> np.ndarray:
+    """The part of a level blurred over ``blurred[0]`` that covers ``box`` (inside it)."""
+    (y0, x0, _, _), pixels = blurred
+    y, x, h, w = box
+    return pixels[y - y0 : y - y0 + h, x - x0 : x - x0 + w]
+
+
+def _blur_level(transmittance: np.ndarray, halo: int, box: _Box, level: int, mpp: float) -> np.ndarray:
+    """The canvas at blur :data:`BLUR_LEVELS_UM` ``[level]`` in all, over ``box = (y, x, h, w)`` of the
+    core (``(h, w, 3)``)."""
+    y, x, h, w = box
     if level == 0:  # the sprites carry the PSF already (psf_sprite)
-        return transmittance[halo : halo + h, halo : halo + w]
+        return transmittance[halo + y : halo + y + h, halo + x : halo + x + w]
     sigma_px = _level_sigma_um(level) / mpp
     r = _radius_px(_level_sigma_um(level), mpp)
-    # Only the core and this level's own radius are needed: a smaller image to blur.
-    part = transmittance[halo - r : halo + h + r, halo - r : halo + w + r]
+    # Only the box and this level's own radius are needed: a smaller image to blur.
+    part = transmittance[halo + y - r : halo + y + h + r, halo + x - r : halo + x + w + r]
     k = 2 * math.ceil(3.5 * sigma_px) + 1
-    dst = workspace(f"blur_{level}", part.shape)
-    # The kernel reaches ceil(3.5 sigma) < r px, so the border rule never touches the core. OpenCV's
+    # A view of one buffer per level whatever the box: a new shape would allocate (page faults).
+    full = workspace(
+        f"blur_{level}",
+        (transmittance.shape[0] - 2 * halo + 2 * r, transmittance.shape[1] - 2 * halo + 2 * r, 3),
+    )
+    dst = full[: h + 2 * r, : w + 2 * r]
+    # The kernel reaches ceil(3.5 sigma) < r px, so the border rule never touches the box. OpenCV's
     # default (reflect-101), because with BORDER_REFLECT OpenCV 5 blurs a view that is not the whole
     # canvas (several levels) 30-40 % slower, to the same bits.
-    cv2.GaussianBlur(part, (k, k), sigma_px, dst=dst, borderType=cv2.BORDER_REFLECT_101)
+    dst = cv2.GaussianBlur(part, (k, k), sigma_px, dst=dst, borderType=cv2.BORDER_REFLECT_101)
     return dst[r : r + h, r : r + w]
 
 
