@@ -223,9 +223,27 @@ def _field_gain(seed: int, gain_sd: float, seam_tint: float, fy: int, fx: int) -
     return common * (1.0 + seam_tint * 2.0 * (hash_uniform(seed, _S_FIELD_TINT, fy, fx, np.arange(3)) - 0.5))
 
 
-def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
-    """Blur level index ``(h, w)`` and glass intensity ``(h, w, 3)`` of a level-0 region (scratch
-    arrays of this thread, overwritten by the next call).
+@dataclass(frozen=True)
+class Glass:
+    """Glass intensity (0-255, per channel) of a region, kept as the per-block arrays it was
+    interpolated into: copying them into one ``(h, w, 3)`` array cost a tenth of a chunk's render.
+
+    ``blocks`` maps a :data:`SMOOTH_BLOCK_PX` block ``(by, bx)`` to ``(oy, ox, pixels)``: absolute pixel
+    ``(y, x)`` of the block is ``pixels[y + oy, x + ox]``.
+    """
+
+    blocks: dict[tuple[int, int], tuple[int, int, np.ndarray]]
+
+    def at(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+        """The ``(y1 - y0, x1 - x0, 3)`` glass of absolute pixels [y0, y1) x [x0, x1), which must lie in
+        one block."""
+        oy, ox, pixels = self.blocks[y0 // SMOOTH_BLOCK_PX, x0 // SMOOTH_BLOCK_PX]
+        return pixels[y0 + oy : y1 + oy, x0 + ox : x1 + ox]
+
+
+def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, Glass]:
+    """Blur level index ``(h, w)`` and glass intensity of a level-0 region (scratch arrays of this
+    thread, overwritten by the next call).
 
     Both vary slowly, so they are evaluated on a grid of :data:`FIELD_GRID_PX` and interpolated
     bilinearly, one aligned :data:`SMOOTH_BLOCK_PX` block at a time: a block is always computed from
@@ -236,7 +254,6 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
     per = block // step
     # Scratch arrays of this thread (see workspace): valid until the next call.
     index = workspace("smooth_index", (h, w))
-    glass = workspace("smooth_glass", (h, w, 3))
     by0, by1 = y0 // block, (y0 + h - 1) // block
     bx0, bx1 = x0 // block, (x0 + w - 1) // block
     gy_all = (np.arange(by0 * per, (by1 + 1) * per + 1) * step).astype(np.float64)
@@ -244,6 +261,8 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
     values = _grid_values(optics, gy_all, gx_all)
     fw, fh = optics.field_px
     half = step // 2
+    size = ((per + 1) * step, (per + 1) * step)
+    glass = {}
     for by in range(by0, by1 + 1):
         for bx in range(bx0, bx1 + 1):
             gy_i, gx_i = (by - by0) * per, (bx - bx0) * per
@@ -253,19 +272,18 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
             # Output pixel d of the resize maps to grid coordinate (d + 0.5) / step - 0.5, so grid
             # point k sits at absolute pixel position (block corner) + k * step: output pixels
             # half .. half + block are the block's own.
-            size = ((per + 1) * step, (per + 1) * step)
             ya, yb = max(y0, by * block), min(y0 + h, (by + 1) * block)
             xa, xb = max(x0, bx * block), min(x0 + w, (bx + 1) * block)
             oy, ox = half - by * block, half - bx * block
             # Separate contiguous outputs: numpy is slow on interleaved channel views.
-            for target, channels, name in (
-                (index, grid[..., 0], "smooth_up1"),
-                (glass, grid[..., 1:], "smooth_up3"),
-            ):
-                up = workspace(name, (size[1], size[0], *channels.shape[2:]))
-                cv2.resize(np.ascontiguousarray(channels), size, dst=up, interpolation=cv2.INTER_LINEAR)
-                target[ya - y0 : yb - y0, xa - x0 : xb - x0] = up[ya + oy : yb + oy, xa + ox : xb + ox]
-    return index, glass
+            up = workspace("smooth_up1", (size[1], size[0]))
+            cv2.resize(np.ascontiguousarray(grid[..., 0]), size, dst=up, interpolation=cv2.INTER_LINEAR)
+            index[ya - y0 : yb - y0, xa - x0 : xb - x0] = up[ya + oy : yb + oy, xa + ox : xb + ox]
+            # One buffer per block of the region: the glass stays in them (see Glass).
+            up3 = workspace(f"smooth_up3_{len(glass)}", (size[1], size[0], 3))
+            cv2.resize(np.ascontiguousarray(grid[..., 1:]), size, dst=up3, interpolation=cv2.INTER_LINEAR)
+            glass[by, bx] = (oy, ox, up3)
+    return index, Glass(glass)
 
 
 def blur_halo_px(mpp: float, level_index: np.ndarray | None = None) -> int:
@@ -467,14 +485,23 @@ def _noise_block(optics: Optics, pick: int) -> np.ndarray:
     return _noise_bank(optics.seed)[pick]
 
 
-def add_sensor_noise(intensity: np.ndarray, optics: Optics, y0: int, x0: int) -> np.ndarray:
-    """Poisson-Gaussian camera noise keyed by 256-px blocks of absolute position; returns uint8.
+def add_sensor_noise(core: np.ndarray, glass: Glass, optics: Optics, y0: int, x0: int) -> np.ndarray:
+    """Light on the sensor (``core`` transmittance times the glass) plus Poisson-Gaussian camera noise
+    keyed by 256-px blocks of absolute position; returns uint8. ``core`` is overwritten.
 
     The deviates of a block are one of a slide's bank of pre-drawn blocks, maybe flipped: drawing
     fresh ones per block cost a third of the render time, and a repeat 64 um apart is invisible under
     the noise's own randomness.
     """
-    h, w = intensity.shape[:2]
+    h, w = core.shape[:2]
+    block_px = SMOOTH_BLOCK_PX
+    for by, bx in glass.blocks:
+        ys0, xs0 = max(y0, by * block_px), max(x0, bx * block_px)
+        ys1, xs1 = min(y0 + h, (by + 1) * block_px), min(x0 + w, (bx + 1) * block_px)
+        view = core[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
+        # cv2 rather than numpy: 4x faster on these strided views, the same products
+        cv2.multiply(view, glass.at(ys0, xs0, ys1, xs1), dst=view)
+    intensity = core
     b = NOISE_BLOCK_PX
     # intensity >= 0: transmittance and glass are. Variance intensity / gain + read noise^2, one pass.
     sd = workspace("noise_sd", intensity.shape)

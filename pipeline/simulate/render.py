@@ -299,8 +299,7 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     canvas *= np.float32(-_LN10)
     transmittance = cv2.exp(canvas, canvas)
     core = apply_blur(transmittance, halo, level_index, mpp)
-    intensity = np.multiply(core, glass, out=core)
-    rgb = add_sensor_noise(intensity, model.optics, y0, x0)
+    rgb = add_sensor_noise(core, glass, model.optics, y0, x0)
     unscanned_fields(rgb, spec, model.optics.field_px, y0, x0, lambda x, y: scene.thickness(x, y) <= 0.0)
 
     core_red = (
