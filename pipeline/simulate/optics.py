@@ -137,22 +137,29 @@ def _patches_near(optics: Optics, x0_um: float, y0_um: float, x1_um: float, y1_u
     bx1 = math.floor(x1_um / DEFOCUS_BLOCK_UM + reach)
     by0 = math.floor(y0_um / DEFOCUS_BLOCK_UM - reach)
     by1 = math.floor(y1_um / DEFOCUS_BLOCK_UM + reach)
-    rows = []
-    mean = optics.patch_rate_per_mm2 * (DEFOCUS_BLOCK_UM / 1000.0) ** 2
-    for by in range(by0, by1 + 1):
-        for bx in range(bx0, bx1 + 1):
-            rng = block_rng(optics.seed, _B_PATCH, bx, by)
-            n = rng.poisson(mean)
-            for _ in range(n):
-                rows.append(
-                    (
-                        (bx + rng.random()) * DEFOCUS_BLOCK_UM,
-                        (by + rng.random()) * DEFOCUS_BLOCK_UM,
-                        rng.uniform(60.0, 250.0),
-                        rng.uniform(0.7, 2.2),
-                    )
-                )
+    rows = [
+        row
+        for by in range(by0, by1 + 1)
+        for bx in range(bx0, bx1 + 1)
+        for row in _block_patches(optics.seed, optics.patch_rate_per_mm2, bx, by)
+    ]
     return np.asarray(rows, dtype=np.float64).reshape(-1, 4)
+
+
+@lru_cache(maxsize=1024)
+def _block_patches(seed: int, rate_per_mm2: float, bx: int, by: int) -> tuple[tuple[float, ...], ...]:
+    """The patches of one defocus block (cached: every render chunk draws the nine around it)."""
+    rng = block_rng(seed, _B_PATCH, bx, by)
+    n = rng.poisson(rate_per_mm2 * (DEFOCUS_BLOCK_UM / 1000.0) ** 2)
+    return tuple(
+        (
+            (bx + rng.random()) * DEFOCUS_BLOCK_UM,
+            (by + rng.random()) * DEFOCUS_BLOCK_UM,
+            rng.uniform(60.0, 250.0),
+            rng.uniform(0.7, 2.2),
+        )
+        for _ in range(n)
+    )
 
 
 def defocus_sigma_um(optics: Optics, x_um: np.ndarray, y_um: np.ndarray) -> np.ndarray:
