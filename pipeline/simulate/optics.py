@@ -30,6 +30,8 @@ NOISE_BLOCK_PX = 256
 #: Smooth fields (blur, glass) are interpolated per aligned block of this size.
 SMOOTH_BLOCK_PX = 512
 N_NOISE_BLOCKS = 32
+#: Rows of the region the camera stage handles at a time (a divisor of NOISE_BLOCK_PX).
+_NOISE_BAND_PX = 128
 
 _S_FIELD_GAIN, _S_FIELD_TINT, _S_NOISE_PICK = 21, 22, 23
 _B_PATCH, _B_OPTICS, _B_NOISE = 201, 202, 203
@@ -501,31 +503,37 @@ def add_sensor_noise(core: np.ndarray, glass: Glass, optics: Optics, y0: int, x0
     the noise's own randomness.
     """
     h, w = core.shape[:2]
-    block_px = SMOOTH_BLOCK_PX
-    for by, bx in glass.blocks:
-        ys0, xs0 = max(y0, by * block_px), max(x0, bx * block_px)
-        ys1, xs1 = min(y0 + h, (by + 1) * block_px), min(x0 + w, (bx + 1) * block_px)
-        view = core[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
-        # cv2 rather than numpy: 4x faster on these strided views, the same products
-        cv2.multiply(view, glass.at(ys0, xs0, ys1, xs1), dst=view)
-    intensity = core
-    b = NOISE_BLOCK_PX
-    # intensity >= 0: transmittance and glass are. Variance intensity / gain + read noise^2, one pass.
-    sd = workspace("noise_sd", intensity.shape)
-    cv2.addWeighted(intensity, 1.0 / optics.electrons_per_dn, intensity, 0.0, optics.read_noise_dn**2, dst=sd)
-    cv2.sqrt(sd, sd)
+    b, smooth = NOISE_BLOCK_PX, SMOOTH_BLOCK_PX
+    rgb = np.empty((h, w, 3), np.uint8)
+    # Band by band (aligned rows, each within one row of noise and glass blocks), every step before
+    # the next band: a band's arrays stay in the core's cache (10-15 % less time than whole passes).
+    band = _NOISE_BAND_PX
+    scratch = workspace("noise_sd", (band, w, 3))
     bys = np.arange(y0 // b, (y0 + h - 1) // b + 1)
     bxs = np.arange(x0 // b, (x0 + w - 1) // b + 1)
     picks = (
         hash_uniform(optics.seed, _S_NOISE_PICK, bys[:, None], bxs[None, :]) * N_NOISE_BLOCKS * 2
     ).astype(int)
-    for iy, by in enumerate(bys.tolist()):
-        for ix, bx in enumerate(bxs.tolist()):
-            block = _noise_block(optics, int(picks[iy, ix]))
-            ys0, xs0 = max(y0, by * b), max(x0, bx * b)
-            ys1, xs1 = min(y0 + h, (by + 1) * b), min(x0 + w, (bx + 1) * b)
-            view = sd[ys0 - y0 : ys1 - y0, xs0 - x0 : xs1 - x0]
-            # cv2 rather than numpy: twice as fast on these strided 3-channel views, same products
-            cv2.multiply(view, block[ys0 - by * b : ys1 - by * b, xs0 - bx * b : xs1 - bx * b], dst=view)
-    # Signal plus noise, rounded to nearest and saturated to 0-255 as a camera's ADC does, in one pass.
-    return cv2.add(intensity, sd, dtype=cv2.CV_8U)
+    glass_columns = [
+        (max(x0, gx * smooth), min(x0 + w, (gx + 1) * smooth))
+        for gx in range(x0 // smooth, (x0 + w - 1) // smooth + 1)
+    ]
+    for ya in [y0, *range((y0 // band + 1) * band, y0 + h, band)]:
+        yb = min(y0 + h, (ya // band + 1) * band)
+        light = core[ya - y0 : yb - y0]
+        for xa, xb in glass_columns:
+            view = light[:, xa - x0 : xb - x0]
+            cv2.multiply(view, glass.at(ya, xa, yb, xb), dst=view)
+        sd = scratch[: yb - ya]
+        # light >= 0: transmittance and glass are. Variance light / gain + read noise^2, one pass.
+        cv2.addWeighted(light, 1.0 / optics.electrons_per_dn, light, 0.0, optics.read_noise_dn**2, dst=sd)
+        cv2.sqrt(sd, sd)
+        by = ya // b
+        for bx, pick in zip(bxs.tolist(), picks[by - bys[0]].tolist(), strict=True):
+            block = _noise_block(optics, pick)
+            xa, xb = max(x0, bx * b), min(x0 + w, (bx + 1) * b)
+            view = sd[:, xa - x0 : xb - x0]
+            cv2.multiply(view, block[ya - by * b : yb - by * b, xa - bx * b : xb - bx * b], dst=view)
+        # Signal plus noise, rounded to nearest and saturated to 0-255 as a camera's ADC does.
+        cv2.add(light, sd, dst=rgb[ya - y0 : yb - y0], dtype=cv2.CV_8U)
+    return rgb
