@@ -329,9 +329,37 @@ def test_local_workers_start_with_the_renderer_imported():
 
         return "pipeline.simulate.run" in sys.modules
 
-    forked = _start_worker_server()
+    forked = _start_worker_server(0, 0.25)
     assert forked  # Linux: there is a fork server
     with _local_client(2, forked) as client:
         client.wait_for_workers(2)
         imported = client.run(renderer_imported)  # before any task could have imported it
     assert list(imported.values()) == [True, True]
+
+
+_BANKS_PROBE = """
+from pipeline.simulate.run import _local_client, _start_worker_server
+
+
+def banks_built(seed, mpp):
+    from pipeline.simulate.optics import noise_bank
+    from pipeline.simulate.render import _od_bank, warm_banks
+
+    misses = _od_bank.cache_info().misses, noise_bank.cache_info().misses
+    warm_banks(seed, mpp)  # a miss would build a bank here, in the worker
+    return misses == (_od_bank.cache_info().misses, noise_bank.cache_info().misses)
+
+
+forked = _start_worker_server(5, 0.3)
+with _local_client(2, forked) as client:
+    client.wait_for_workers(2)
+    print(sorted(client.run(banks_built, 5, 0.3).values()), sorted(client.run(banks_built, 6, 0.3).values()))
+"""
+
+
+def test_local_workers_start_with_the_slides_banks_built():
+    """The fork server builds the slide's sprite and noise banks once; its workers start with them
+    (and build those of another slide themselves). In a fresh process: the server starts only once."""
+    out = subprocess.run([sys.executable, "-c", _BANKS_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[True, True] [False, False]"

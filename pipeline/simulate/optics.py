@@ -474,7 +474,7 @@ def workspace_u8(name: str, shape: tuple[int, ...]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------------- noise
 @lru_cache(maxsize=2)
-def _noise_bank(seed: int) -> tuple[np.ndarray, ...]:
+def noise_bank(seed: int) -> tuple[np.ndarray, ...]:
     """The 64 noise patterns of one slide: standard-normal blocks, each upright then upside down.
 
     The flipped copies are stored (25 MB more per slide): OpenCV copies a flipped view before every
@@ -491,7 +491,7 @@ def _noise_bank(seed: int) -> tuple[np.ndarray, ...]:
 
 
 def _noise_block(optics: Optics, pick: int) -> np.ndarray:
-    return _noise_bank(optics.seed)[pick]
+    return noise_bank(optics.seed)[pick]
 
 
 def add_sensor_noise(core: np.ndarray, glass: Glass, optics: Optics, y0: int, x0: int) -> np.ndarray:

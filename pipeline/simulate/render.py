@@ -23,6 +23,7 @@ from .optics import (
     apply_blur,
     blur_halo_px,
     draw_optics,
+    noise_bank,
     psf_pad_px,
     psf_sprite,
     smooth_fields,
@@ -115,6 +116,16 @@ def _od_bank(seed: int, mpp: float, kind: str, n: int, spread: float, stain_matr
         height=np.array([od.shape[0] for od in sprites], dtype=np.int64),
         width=np.array([od.shape[1] for od in sprites], dtype=np.int64),
     )
+
+
+def warm_banks(seed: int, mpp: float) -> None:
+    """Build (and cache) the red-cell, platelet and noise banks of slide ``seed`` at ``mpp``, as the
+    first region a process renders would."""
+    stain = slide_stain_matrix(block_rng(seed, _B_STAIN)).tobytes()
+    for spread in _RBC_BANK_SPREADS:
+        _od_bank(seed, mpp, "red_cell", N_RBC_VARIANTS, spread, stain)
+    _od_bank(seed, mpp, "platelet", N_PLATELET_VARIANTS, 1.0, stain)
+    noise_bank(seed)
 
 
 def _cropped(y0: int, x0: int, od: np.ndarray) -> tuple[int, int, np.ndarray]:
