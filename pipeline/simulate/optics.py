@@ -234,20 +234,38 @@ def _field_gain(seed: int, gain_sd: float, seam_tint: float, fy: int, fx: int) -
 
 @dataclass(frozen=True)
 class Glass:
-    """Glass intensity (0-255, per channel) of a region, kept as the per-block arrays it was
-    interpolated into: copying them into one ``(h, w, 3)`` array cost a tenth of a chunk's render.
+    """Glass intensity (0-255, per channel) of a region, interpolated block by block when the camera
+    stage first asks for it (see :func:`smooth_fields`).
 
-    ``blocks`` maps a :data:`SMOOTH_BLOCK_PX` block ``(by, bx)`` to ``(oy, ox, pixels)``: absolute pixel
-    ``(y, x)`` of the block is ``pixels[y + oy, x + ox]``.
+    Each block stays in the buffer it was interpolated into (copying them into one ``(h, w, 3)`` array
+    cost a tenth of a chunk's render), and only just before its use, while it is still in the cache:
+    interpolated with the blur index, it was read back from memory after the blur.
     """
 
-    blocks: dict[tuple[int, int], tuple[int, int, np.ndarray]]
+    grids: dict[tuple[int, int], np.ndarray]  # (by, bx) -> the block's (n, n, 3) grid
+    _pixels: dict[tuple[int, int], np.ndarray] = field(default_factory=dict)
 
     def at(self, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
         """The ``(y1 - y0, x1 - x0, 3)`` glass of absolute pixels [y0, y1) x [x0, x1), which must lie in
         one block."""
-        oy, ox, pixels = self.blocks[y0 // SMOOTH_BLOCK_PX, x0 // SMOOTH_BLOCK_PX]
+        by, bx = y0 // SMOOTH_BLOCK_PX, x0 // SMOOTH_BLOCK_PX
+        pixels = self._pixels.get((by, bx))
+        if pixels is None:
+            # One buffer per block of the region: a block is read band by band.
+            pixels = _upsample(self.grids[by, bx], f"smooth_up3_{len(self._pixels)}")
+            self._pixels[by, bx] = pixels
+        oy, ox = FIELD_GRID_PX // 2 - by * SMOOTH_BLOCK_PX, FIELD_GRID_PX // 2 - bx * SMOOTH_BLOCK_PX
         return pixels[y0 + oy : y1 + oy, x0 + ox : x1 + ox]
+
+
+def _upsample(grid: np.ndarray, name: str) -> np.ndarray:
+    """A block's ``(n, n, ...)`` grid interpolated bilinearly to ``n`` :data:`FIELD_GRID_PX` px a side
+    (scratch buffer ``name`` of this thread)."""
+    size = grid.shape[0] * FIELD_GRID_PX
+    up = workspace(name, (size, size, *grid.shape[2:]))
+    # A contiguous grid per quantity: numpy is slow on interleaved channel views.
+    cv2.resize(np.ascontiguousarray(grid), (size, size), dst=up, interpolation=cv2.INTER_LINEAR)
+    return up
 
 
 def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, Glass]:
@@ -270,7 +288,6 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
     values = _grid_values(optics, gy_all, gx_all)
     fw, fh = optics.field_px
     half = step // 2
-    size = ((per + 1) * step, (per + 1) * step)
     glass = {}
     for by in range(by0, by1 + 1):
         for bx in range(bx0, bx1 + 1):
@@ -284,14 +301,9 @@ def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.
             ya, yb = max(y0, by * block), min(y0 + h, (by + 1) * block)
             xa, xb = max(x0, bx * block), min(x0 + w, (bx + 1) * block)
             oy, ox = half - by * block, half - bx * block
-            # Separate contiguous outputs: numpy is slow on interleaved channel views.
-            up = workspace("smooth_up1", (size[1], size[0]))
-            cv2.resize(np.ascontiguousarray(grid[..., 0]), size, dst=up, interpolation=cv2.INTER_LINEAR)
+            up = _upsample(grid[..., 0], "smooth_up1")
             index[ya - y0 : yb - y0, xa - x0 : xb - x0] = up[ya + oy : yb + oy, xa + ox : xb + ox]
-            # One buffer per block of the region: the glass stays in them (see Glass).
-            up3 = workspace(f"smooth_up3_{len(glass)}", (size[1], size[0], 3))
-            cv2.resize(np.ascontiguousarray(grid[..., 1:]), size, dst=up3, interpolation=cv2.INTER_LINEAR)
-            glass[by, bx] = (oy, ox, up3)
+            glass[by, bx] = np.ascontiguousarray(grid[..., 1:])
     return index, Glass(glass)
 
 
