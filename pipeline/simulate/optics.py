@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -373,6 +374,25 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
         of its blur levels and on its own index, so a region rendered with its halo equals the same
         pixels of the whole slide.
     """
+    core = blur_core(transmittance, halo, level_index, mpp)
+    return core.rows(0, core.shape[0])
+
+
+@dataclass(frozen=True)
+class BlurredCore:
+    """The blurred ``(h, w, 3)`` core of a region (see :func:`blur_core`)."""
+
+    shape: tuple[int, int]
+    _rows: Callable[[int, int], np.ndarray]
+
+    def rows(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) of the core (scratch of this thread, valid until the next region)."""
+        return self._rows(a, b)
+
+
+def blur_core(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mpp: float) -> BlurredCore:
+    """:func:`apply_blur`, with the usual blend (one pair of levels everywhere) done only as rows are
+    read: the camera stage reads them band by band, each just blended and still in the cache."""
     h, w = level_index.shape
     last = len(BLUR_LEVELS_UM) - 1
     # The pair of levels a pixel blends is a function of its index alone (lower = floor, at most
@@ -390,8 +410,14 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
         # One pass: (lower_w * B_l + upper_w * B_l+1) / (lower_w + upper_w + 1e-5), OpenCV's formula.
         lower_blur = _blur_level(transmittance, halo, whole, first, mpp)
         upper_blur = _blur_level(transmittance, halo, whole, first + 1, mpp)
-        cv2.blendLinear(lower_blur, upper_blur, lower_weight, upper_weight, dst=out)
-        return out
+
+        def blend(a: int, b: int) -> np.ndarray:
+            cv2.blendLinear(
+                lower_blur[a:b], upper_blur[a:b], lower_weight[a:b], upper_weight[a:b], dst=out[a:b]
+            )
+            return out[a:b]
+
+        return BlurredCore((h, w), blend)
     lower = np.floor(level_index, out=workspace("blur_lower", (h, w)))
     np.minimum(lower, np.float32(last - 1), out=lower)
     np.subtract(level_index, lower, out=upper_weight)
@@ -418,7 +444,7 @@ def apply_blur(transmittance: np.ndarray, halo: int, level_index: np.ndarray, mp
         )
         cv2.compare(lower[y : y + bh, x : x + bw], float(level), cv2.CMP_EQ, dst=mask[:bh, :bw])
         cv2.copyTo(blend, mask[:bh, :bw], out[y : y + bh, x : x + bw])
-    return out
+    return BlurredCore((h, w), lambda a, b: out[a:b])
 
 
 def _union(a: _Box | None, b: _Box | None) -> _Box | None:
@@ -506,15 +532,15 @@ def _noise_block(optics: Optics, pick: int) -> np.ndarray:
     return noise_bank(optics.seed)[pick]
 
 
-def add_sensor_noise(core: np.ndarray, glass: Glass, optics: Optics, y0: int, x0: int) -> np.ndarray:
+def add_sensor_noise(core: BlurredCore, glass: Glass, optics: Optics, y0: int, x0: int) -> np.ndarray:
     """Light on the sensor (``core`` transmittance times the glass) plus Poisson-Gaussian camera noise
-    keyed by 256-px blocks of absolute position; returns uint8. ``core`` is overwritten.
+    keyed by 256-px blocks of absolute position; returns uint8. ``core``'s rows are overwritten.
 
     The deviates of a block are one of a slide's bank of pre-drawn blocks, maybe flipped: drawing
     fresh ones per block cost a third of the render time, and a repeat 64 um apart is invisible under
     the noise's own randomness.
     """
-    h, w = core.shape[:2]
+    h, w = core.shape
     b, smooth = NOISE_BLOCK_PX, SMOOTH_BLOCK_PX
     rgb = np.empty((h, w, 3), np.uint8)
     # Band by band (aligned rows, each within one row of noise and glass blocks), every step before
@@ -532,7 +558,7 @@ def add_sensor_noise(core: np.ndarray, glass: Glass, optics: Optics, y0: int, x0
     ]
     for ya in [y0, *range((y0 // band + 1) * band, y0 + h, band)]:
         yb = min(y0 + h, (ya // band + 1) * band)
-        light = core[ya - y0 : yb - y0]
+        light = core.rows(ya - y0, yb - y0)
         for xa, xb in glass_columns:
             view = light[:, xa - x0 : xb - x0]
             cv2.multiply(view, glass.at(ya, xa, yb, xb), dst=view)

@@ -20,7 +20,7 @@ from .cells import MAX_DIAMETER_UM, MLL23_CLASSES, CellSprite, render_cell
 from .optics import (
     Optics,
     add_sensor_noise,
-    apply_blur,
+    blur_core,
     blur_halo_px,
     draw_optics,
     noise_bank,
@@ -328,7 +328,7 @@ def render_region(model: SlideModel, x0: int, y0: int, width: int, height: int) 
     # The canvas holds optical density; light through it is 10^-OD.
     canvas *= np.float32(-_LN10)
     transmittance = cv2.exp(canvas, canvas)
-    core = apply_blur(transmittance, halo, level_index, mpp)
+    core = blur_core(transmittance, halo, level_index, mpp)
     rgb = add_sensor_noise(core, glass, model.optics, y0, x0)
     unscanned_fields(rgb, spec, model.optics.field_px, y0, x0, lambda x, y: scene.thickness(x, y) <= 0.0)
 
