@@ -417,3 +417,29 @@ def test_noise_patterns_are_the_blocks_upright_and_upside_down():
         assert bank[2 * k + 1].flags["C_CONTIGUOUS"]
     assert not np.array_equal(bank[2], bank[0])
     assert not np.array_equal(noise_bank(13)[0], bank[0])
+
+
+def test_bench_in_process_digest_is_the_slides_whatever_the_chunk_size():
+    """``bench_simulate --in-process`` (per-chunk render CPU, and a digest to compare checkouts by) digests
+    the slide's tiles, not the chunks it cut it into."""
+    digests = []
+    for chunk_px in (256, 512):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_simulate",
+                "--sizes",
+                "0.3",
+                "--in-process",
+                "--chunk-px",
+                str(chunk_px),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "CPU-ms per chunk" in out.stdout
+        digests.append(out.stdout.split("tiles digest ")[1].split()[0])
+    assert digests[0] == digests[1]
