@@ -329,9 +329,117 @@ def test_local_workers_start_with_the_renderer_imported():
 
         return "pipeline.simulate.run" in sys.modules
 
-    forked = _start_worker_server()
+    forked = _start_worker_server(0, 0.25)
     assert forked  # Linux: there is a fork server
     with _local_client(2, forked) as client:
         client.wait_for_workers(2)
         imported = client.run(renderer_imported)  # before any task could have imported it
     assert list(imported.values()) == [True, True]
+
+
+_BANKS_PROBE = """
+from pipeline.simulate.run import _local_client, _start_worker_server
+
+
+def banks_built(seed, mpp):
+    from pipeline.simulate.optics import noise_bank
+    from pipeline.simulate.render import _od_bank, warm_banks
+
+    misses = _od_bank.cache_info().misses, noise_bank.cache_info().misses
+    warm_banks(seed, mpp)  # a miss would build a bank here, in the worker
+    return misses == (_od_bank.cache_info().misses, noise_bank.cache_info().misses)
+
+
+forked = _start_worker_server(5, 0.3)
+with _local_client(2, forked) as client:
+    client.wait_for_workers(2)
+    print(sorted(client.run(banks_built, 5, 0.3).values()), sorted(client.run(banks_built, 6, 0.3).values()))
+"""
+
+
+def test_local_workers_start_with_the_slides_banks_built():
+    """The fork server builds the slide's sprite and noise banks once; its workers start with them
+    (and build those of another slide themselves). In a fresh process: the server starts only once."""
+    out = subprocess.run([sys.executable, "-c", _BANKS_PROBE], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[0] == "[True, True] [False, False]"
+
+
+def test_smooth_fields_are_their_grid_interpolated_at_pixel_centres():
+    """The blur index and the glass of a region are their grid values (every FIELD_GRID_PX px, the glass
+    with its camera field's terms) interpolated bilinearly at each pixel's centre, whichever block of
+    the region, and however the region is cut, a pixel lies in."""
+    from pipeline.simulate.optics import (
+        FIELD_GRID_PX,
+        SMOOTH_BLOCK_PX,
+        _field_factor,
+        _grid_values,
+        smooth_fields,
+    )
+
+    optics = _invariance_model().optics
+    y0, x0, h, w = 1037, 1511, 700, 600  # across several blocks, none aligned
+    index, glass = smooth_fields(optics, y0, x0, h, w)
+    rng = np.random.default_rng(5)
+    fw, fh = optics.field_px
+    for y, x in zip(
+        rng.integers(y0, y0 + h, 300).tolist(), rng.integers(x0, x0 + w, 300).tolist(), strict=True
+    ):
+        gy, gx = (y + 0.5) / FIELD_GRID_PX, (x + 0.5) / FIELD_GRID_PX  # pixel centre on the grid
+        ky, kx = int(gy), int(gx)
+        points_y = np.array([ky, ky + 1], dtype=np.float64) * FIELD_GRID_PX
+        points_x = np.array([kx, kx + 1], dtype=np.float64) * FIELD_GRID_PX
+        values = _grid_values(optics, points_y, points_x).astype(np.float64)
+        by, bx = y // SMOOTH_BLOCK_PX, x // SMOOTH_BLOCK_PX
+        values[..., 1:] *= _field_factor(
+            optics, points_y, points_x, by * SMOOTH_BLOCK_PX // fh, bx * SMOOTH_BLOCK_PX // fw
+        )
+        ty, tx = gy - ky, gx - kx
+        expected = (
+            (1 - ty) * (1 - tx) * values[0, 0]
+            + (1 - ty) * tx * values[0, 1]
+            + ty * (1 - tx) * values[1, 0]
+            + ty * tx * values[1, 1]
+        )
+        assert index[y - y0, x - x0] == pytest.approx(expected[0], abs=1e-4), (y, x)
+        assert glass.at(y, x, y + 1, x + 1)[0, 0] == pytest.approx(expected[1:], rel=1e-4), (y, x)
+
+
+def test_noise_patterns_are_the_blocks_upright_and_upside_down():
+    """Each noise block of a slide comes upright and upside down (64 patterns from 32 draws), stored
+    contiguous, and another seed draws other blocks."""
+    from pipeline.simulate.optics import N_NOISE_BLOCKS, noise_bank
+
+    bank = noise_bank(12)
+    assert len(bank) == 2 * N_NOISE_BLOCKS
+    for k in range(N_NOISE_BLOCKS):
+        assert np.array_equal(bank[2 * k + 1], bank[2 * k][::-1])
+        assert bank[2 * k + 1].flags["C_CONTIGUOUS"]
+    assert not np.array_equal(bank[2], bank[0])
+    assert not np.array_equal(noise_bank(13)[0], bank[0])
+
+
+def test_bench_in_process_digest_is_the_slides_whatever_the_chunk_size():
+    """``bench_simulate --in-process`` (per-chunk render CPU, and a digest to compare checkouts by) digests
+    the slide's tiles, not the chunks it cut it into."""
+    digests = []
+    for chunk_px in (256, 512):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_simulate",
+                "--sizes",
+                "0.3",
+                "--in-process",
+                "--chunk-px",
+                str(chunk_px),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert out.returncode == 0, out.stderr
+        assert "CPU-ms per chunk" in out.stdout
+        digests.append(out.stdout.split("tiles digest ")[1].split()[0])
+    assert digests[0] == digests[1]

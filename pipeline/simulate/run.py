@@ -33,6 +33,7 @@ from .. import __version__
 from ..engine import TASK_RETRIES, compute_client, ordered_map
 from ..errors import ParameterError
 from ._level1 import BAND_PX, EncodedBand, Level1Store, band_starts, encode_band, reduce4
+from ._warm import WARM_BANKS_ENV
 from .cells import MLL23_CLASSES
 from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
 from .presets import get_preset, parse_artefacts
@@ -236,7 +237,7 @@ def simulate_slide(
     if placement not in PLACEMENTS:
         raise ParameterError(f"unknown placement {placement!r}; choose one of: {', '.join(PLACEMENTS)}")
     blood = get_preset(preset)
-    forked = client is None and workers > 0 and _start_worker_server()
+    forked = client is None and workers > 0 and _start_worker_server(seed, mpp)
     width_px = round(width_mm * 1000.0 / mpp)
     height_px = round(height_mm * 1000.0 / mpp)
     chosen = parse_artefacts(artefacts)
@@ -352,17 +353,23 @@ def _import_pandas() -> None:
     import pandas  # noqa: F401
 
 
-#: What the local workers import before their first task, once, in the process they are forked from.
-_WORKER_PRELOAD = ("distributed", "pipeline._local_worker", "pipeline.simulate.run")
+#: What the local workers import before their first task, once, in the process they are forked from
+#: (the last one also builds the slide's sprite and noise banks, see :mod:`._warm`).
+_WORKER_PRELOAD = (
+    "distributed",
+    "pipeline._local_worker",
+    "pipeline.simulate.run",
+    "pipeline.simulate._warm",
+)
 
 
-def _start_worker_server() -> bool:
-    """Start the process local workers are forked from, and let it import their modules now (False
-    where there is no fork server: Windows).
+def _start_worker_server(seed: int, mpp: float) -> bool:
+    """Start the process local workers are forked from, and let it import their modules and build the
+    banks of slide ``seed`` at ``mpp`` now (False where there is no fork server: Windows).
 
-    Spawned workers each import Dask and the renderer (about 0.7 CPU-s apiece) only once the cluster
-    is up; forked from this server, they start at once, and the one import runs while the driver
-    imports and plans, on a core that would otherwise wait.
+    Spawned workers each import Dask and the renderer (about 0.7 CPU-s apiece) and build the banks
+    (0.15 CPU-s) only once the cluster is up; forked from this server, they start at once with both,
+    and the one import runs while the driver imports and plans, on a core that would otherwise wait.
     """
     import multiprocessing
 
@@ -375,7 +382,12 @@ def _start_worker_server() -> bool:
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ.setdefault(name, "1")
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(_WORKER_PRELOAD))
-    forkserver.ensure_running()
+    # Read by the server as it starts (a server already running keeps its banks: workers build theirs).
+    os.environ[WARM_BANKS_ENV] = f"{seed} {mpp!r}"
+    try:
+        forkserver.ensure_running()
+    finally:
+        del os.environ[WARM_BANKS_ENV]
     return True
 
 

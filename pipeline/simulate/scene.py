@@ -266,10 +266,13 @@ class Scene:
             y = by + jy
             f = self.thickness(x, y)
             occupancy = np.clip(f - layer, 0.0, 1.0) * 0.92
-            keep = hash_uniform(seed, _S_OCC, layer, ii, jj) < occupancy
-            variant = (hash_uniform(seed, _S_VAR, layer, ii, jj) * N_RBC_VARIANTS).astype(np.int64)
-            x, y, f, variant = x[keep], y[keep], f[keep], variant[keep]
+            # Hashes are drawn only for sites that may hold a cell (the same values: a site's hash
+            # depends on its indices alone): the upper layers of a monolayer are all but empty.
+            keep = occupancy > 0.0
+            keep[keep] = hash_uniform(seed, _S_OCC, layer, ii[keep], jj[keep]) < occupancy[keep]
+            x, y, f = x[keep], y[keep], f[keep]
             ki, kj = ii[keep], jj[keep]
+            variant = (hash_uniform(seed, _S_VAR, layer, ki, kj) * N_RBC_VARIANTS).astype(np.int64)
             # Rouleaux: stacks of red cells where the film is thick.
             roul = (f > 1.8) & (hash_uniform(seed, _S_ROUL, layer, ki, kj) < 0.25)
             if roul.any():
@@ -405,7 +408,15 @@ class Scene:
         return cells, marks[idx]
 
     def platelets_in_block(self, bx: int, by: int) -> SimpleObjects:
-        """Platelets of one 500-um block."""
+        """Platelets of one 500-um block (cached: every render chunk in it draws them again)."""
+        cache = self.__dict__.setdefault("_platelet_cache", {})
+        if (bx, by) not in cache:
+            if len(cache) > 256:
+                cache.clear()
+            cache[bx, by] = self._draw_platelets(bx, by)
+        return cache[bx, by]
+
+    def _draw_platelets(self, bx: int, by: int) -> SimpleObjects:
         spec = self.spec
         rng = block_rng(spec.seed, _B_PLATELET, bx, by)
         per_um2 = spec.preset.platelets_per_ul * FILM_DEPTH_UM * 1e-3 / 1e6
