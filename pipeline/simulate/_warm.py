@@ -8,17 +8,20 @@ from __future__ import annotations
 
 import os
 
-#: ``"<seed> <mpp>"`` of the slide whose banks the server builds (set only while it starts).
-WARM_BANKS_ENV = "PIPELINE_SIMULATE_WARM_BANKS"
+from .run import WARM_BANKS_ENV
 
 
 def _warm_from_environment() -> None:
-    words = os.environ.get(WARM_BANKS_ENV, "").split()
+    # Taken out of the environment: neither the server nor the workers forked from it pass it on.
+    words = os.environ.pop(WARM_BANKS_ENV, "").split()
     if len(words) != 2:
         return
     from .render import warm_banks
 
-    warm_banks(int(words[0]), float(words[1]))
+    try:
+        warm_banks(int(words[0]), float(words[1]))
+    except Exception:  # only saves the workers time: they build whatever is missing themselves
+        pass
 
 
 _warm_from_environment()

@@ -33,7 +33,6 @@ from .. import __version__
 from ..engine import TASK_RETRIES, compute_client, ordered_map
 from ..errors import ParameterError
 from ._level1 import BAND_PX, EncodedBand, Level1Store, band_starts, encode_band, reduce4
-from ._warm import WARM_BANKS_ENV
 from .cells import MLL23_CLASSES
 from .optics import IN_FOCUS_MAX_SIGMA_UM, defocus_sigma_um
 from .presets import get_preset, parse_artefacts
@@ -353,6 +352,10 @@ def _import_pandas() -> None:
     import pandas  # noqa: F401
 
 
+#: ``"<seed> <mpp>"`` of the slide whose banks the workers' fork server builds as it starts (see
+#: :mod:`._warm`, which takes it out of the environment again).
+WARM_BANKS_ENV = "PIPELINE_SIMULATE_WARM_BANKS"
+
 #: What the local workers import before their first task, once, in the process they are forked from
 #: (the last one also builds the slide's sprite and noise banks, see :mod:`._warm`).
 _WORKER_PRELOAD = (
@@ -383,11 +386,11 @@ def _start_worker_server(seed: int, mpp: float) -> bool:
         os.environ.setdefault(name, "1")
     multiprocessing.get_context("forkserver").set_forkserver_preload(list(_WORKER_PRELOAD))
     # Read by the server as it starts (a server already running keeps its banks: workers build theirs).
-    os.environ[WARM_BANKS_ENV] = f"{seed} {mpp!r}"
+    os.environ[WARM_BANKS_ENV] = f"{int(seed)} {float(mpp)!r}"
     try:
         forkserver.ensure_running()
     finally:
-        del os.environ[WARM_BANKS_ENV]
+        os.environ.pop(WARM_BANKS_ENV, None)
     return True
 
 
