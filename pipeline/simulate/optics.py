@@ -241,6 +241,9 @@ class Glass:
     Each block stays in the buffer it was interpolated into (copying them into one ``(h, w, 3)`` array
     cost a tenth of a chunk's render), and only just before its use, while it is still in the cache:
     interpolated with the blur index, it was read back from memory after the blur.
+
+    The buffers are scratch arrays of this thread, shared by every ``Glass`` it makes: read one region's
+    glass before another's is read (the renderer does, one region at a time).
     """
 
     grids: dict[tuple[int, int], np.ndarray]  # (by, bx) -> the block's (n, n, 3) grid
@@ -271,7 +274,7 @@ def _upsample(grid: np.ndarray, name: str) -> np.ndarray:
 
 def smooth_fields(optics: Optics, y0: int, x0: int, h: int, w: int) -> tuple[np.ndarray, Glass]:
     """Blur level index ``(h, w)`` and glass intensity of a level-0 region (scratch arrays of this
-    thread, overwritten by the next call).
+    thread, overwritten by the next call; the glass's, once another region's glass is read).
 
     Both vary slowly, so they are evaluated on a grid of :data:`FIELD_GRID_PX` and interpolated
     bilinearly, one aligned :data:`SMOOTH_BLOCK_PX` block at a time: a block is always computed from

@@ -17,7 +17,9 @@ Densities: cells per mm^2 of monolayer = cells per uL x ``FILM_DEPTH_UM`` x 1e-3
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
@@ -25,6 +27,8 @@ from ..errors import ParameterError
 from ._hash import block_rng, hash_uniform
 from .cells import MLL23_CLASSES, class_diameter_range_um
 from .presets import ARTEFACTS, PLACEMENTS, BloodPreset
+
+_T = TypeVar("_T")
 
 ZONES = ("thick", "monolayer", "feathered", "glass")
 
@@ -366,13 +370,7 @@ class Scene:
 
     def _raw_nucleated(self, bx: int, by: int) -> tuple[NucleatedCells, np.ndarray]:
         """Nucleated cells of a block before hard-core thinning, with their thinning marks (cached)."""
-        key = (bx, by)
-        cache = self.__dict__.setdefault("_raw_cache", {})
-        if key not in cache:
-            if len(cache) > 256:
-                cache.clear()
-            cache[key] = self._draw_nucleated(bx, by)
-        return cache[key]
+        return self._per_block("_raw_cache", bx, by, self._draw_nucleated)
 
     def _draw_nucleated(self, bx: int, by: int) -> tuple[NucleatedCells, np.ndarray]:
         """An inhomogeneous Poisson process of nucleated cells in one block, by thinning."""
@@ -409,12 +407,22 @@ class Scene:
 
     def platelets_in_block(self, bx: int, by: int) -> SimpleObjects:
         """Platelets of one 500-um block (cached: every render chunk in it draws them again)."""
-        cache = self.__dict__.setdefault("_platelet_cache", {})
-        if (bx, by) not in cache:
+        return self._per_block("_platelet_cache", bx, by, self._draw_platelets)
+
+    def _per_block(self, name: str, bx: int, by: int, draw: Callable[[int, int], _T]) -> _T:
+        """``draw(bx, by)``, kept in this scene's cache ``name`` of the last few hundred blocks.
+
+        The value drawn or found is returned, never looked up again: threads of one worker share the
+        scene, and another thread may clear the cache in between.
+        """
+        cache = self.__dict__.setdefault(name, {})
+        value = cache.get((bx, by))
+        if value is None:
+            value = draw(bx, by)
             if len(cache) > 256:
                 cache.clear()
-            cache[bx, by] = self._draw_platelets(bx, by)
-        return cache[bx, by]
+            cache[bx, by] = value
+        return value
 
     def _draw_platelets(self, bx: int, by: int) -> SimpleObjects:
         spec = self.spec
