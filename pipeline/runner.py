@@ -576,8 +576,9 @@ def _run_slide_locked(
     plan = plan_slide(ref, params)
     # A local cluster's workers start (and import the pipeline) while the driver reads the thumbnail, once
     # the slide is known to open.
-    with ExitStack() as scope:
-        engine = scope.enter_context(_engine(client, workers))
+    cluster, closing = ExitStack(), None
+    try:
+        engine = cluster.enter_context(_engine(client, workers))
         with _stage(timings, "plan"):
             tiles = overview_tiles(plan)
             stains = stain_map(plan)
@@ -637,8 +638,13 @@ def _run_slide_locked(
         attrs["warnings"] = list(notes)
         overview = _BACKGROUND.submit(_overview_png, thumbnail, plan, candidates.copy())
         # Every task is done: a local cluster closes (~0.4 s) while the gallery is finalized.
-        cluster = scope.pop_all()
-    closing = _BACKGROUND.submit(cluster.close)
+        closing = _BACKGROUND.submit(cluster.close)
+    except BaseException as exc:
+        if closing is None:  # the cluster closes knowing why (compute_client then quiets Dask's logs)
+            cluster.__exit__(type(exc), exc, exc.__traceback__)
+        else:
+            wait([closing])
+        raise
     try:
         timings["total_before_finalize"] = round(time.perf_counter() - started, 3)
         raise_if_interrupted()
@@ -647,7 +653,11 @@ def _run_slide_locked(
         _write_qc_pictures(final, slide_path, overview, say)
     finally:
         wait([closing])
-    closing.result()
+    if closing.exception() is not None:
+        # The gallery is complete by now: a cluster that did not close cleanly fails no slide.
+        warnings.warn(
+            f"{slide_path}: the local cluster did not close cleanly ({closing.exception()})", stacklevel=2
+        )
     say(f"{slide_path.name}: {len(cells)} cells from {len(candidates)} candidates -> {final}")
     return RunResult(
         slide_path, final, "done", len(cells), len(candidates), time.perf_counter() - started, tuple(notes)

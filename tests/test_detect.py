@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from pipeline import runner
 from pipeline.errors import GalleryError, MppError
 from pipeline.evaluate import evaluate_gallery
-from pipeline.gallery import open_gallery
+from pipeline.gallery import is_complete, open_gallery
 from pipeline.runner import RunParams, run_slide
 from pipeline.segment import SegmentParams, estimate_slide_stains, required_halo_um, segment
 from pipeline.simulate import simulate_slide
@@ -126,6 +126,21 @@ def test_the_local_cluster_is_closed_when_the_run_returns(small_slide, tmp_path,
     with pytest.raises(GalleryError, match="simulated") if finalize_fails else contextlib.nullcontext():
         run_slide(small_slide.slide_path, tmp_path, workers=1, progress=False)
     assert not _local_worker_processes() - before
+
+
+def test_a_cluster_that_does_not_close_cleanly_fails_no_finished_slide(small_slide, tmp_path, monkeypatch):
+    real_engine = runner._engine
+
+    @contextlib.contextmanager
+    def engine_failing_to_close(client, workers):
+        with real_engine(client, workers) as engine:
+            yield engine
+        raise OSError("the scheduler did not answer (simulated)")
+
+    monkeypatch.setattr(runner, "_engine", engine_failing_to_close)
+    with pytest.warns(UserWarning, match="did not close cleanly.*simulated"):
+        result = run_slide(small_slide.slide_path, tmp_path, workers=0, progress=False)
+    assert result.status == "done" and is_complete(result.gallery)
 
 
 def _overview(slide_path) -> np.ndarray:
