@@ -405,6 +405,7 @@ def evaluate_gallery(gallery_path: str | Path, truth_path: str | Path) -> dict[s
     if not truth_file.is_file():
         raise ParameterError(f"truth file {truth_file} not found; simulate writes it beside the slide")
     truth = pd.read_csv(truth_file)
+    check_same_slide(gallery_path, gallery.attrs["slide"], truth_file, truth)
     quality = gallery.attrs.get("parameters", {}).get("quality", {})
     report = evaluate_tables(
         gallery.candidates,
@@ -414,7 +415,6 @@ def evaluate_gallery(gallery_path: str | Path, truth_path: str | Path) -> dict[s
         scene_zones(truth_json_for(truth_file)),
         quality.get("max_blur_um"),
     )
-    # Checked once the candidates' recall is known: only it tells a renamed copy from another slide.
     check_same_slide(gallery_path, gallery.attrs["slide"], truth_file, truth, report["candidates"]["recall"])
     return {"gallery": str(gallery_path), "truth": str(truth_file), **report}
 
@@ -449,7 +449,7 @@ def check_same_slide(
     truth
         Its table.
     candidate_recall
-        Share of the truth's cells found by a candidate; None accepts a renamed slide unchecked.
+        Share of the truth's cells found by a candidate; None before the evaluation.
 
     Raises
     ------
