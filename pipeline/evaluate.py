@@ -405,6 +405,8 @@ def evaluate_gallery(gallery_path: str | Path, truth_path: str | Path) -> dict[s
     if not truth_file.is_file():
         raise ParameterError(f"truth file {truth_file} not found; simulate writes it beside the slide")
     truth = pd.read_csv(truth_file)
+    # Checked twice on purpose: size and bounds before the evaluation, which another slide's truth could
+    # fail in a way that says nothing of the cause; the candidates' recall once it is known.
     check_same_slide(gallery_path, gallery.attrs["slide"], truth_file, truth)
     quality = gallery.attrs.get("parameters", {}).get("quality", {})
     report = evaluate_tables(
